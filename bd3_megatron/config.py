@@ -1,0 +1,335 @@
+"""One typed configuration schema for the whole stack.
+
+A run's configuration is a YAML file plus dotted command-line overrides (``model.block_size=8``). Values are parsed
+with ``yaml.safe_load`` (never evaluated), checked against the dataclass field types, and cross-checked
+(divisibility, parallel layout) before any heavy work starts. Unknown keys are errors with a suggestion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line that names the key and the fix."""
+
+
+# Paper model sizes (bd3lms configs/model/*.yaml); hidden dropout 0.1 as in the reference.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"num_layers": 8, "hidden_size": 256, "num_heads": 8},
+    "small": {"num_layers": 12, "hidden_size": 768, "num_heads": 12},
+    "medium": {"num_layers": 24, "hidden_size": 1024, "num_heads": 16},
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None  # tiny | small | medium: fills layers/hidden/heads unless given explicitly
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_heads: int = 12
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    seq_len: int = 1024  # L; the network sees 2L tokens (x_t ⊕ x0)
+    block_size: int = 4  # L'
+    dropout: float = 0.1
+    attention_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
+    recompute: bool = False  # full activation checkpointing of each layer
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "loglinear"
+    eps_min: float = 1e-3  # clip window [eps_min, eps_max] for t during training
+    eps_max: float = 1.0
+    antithetic: bool = True  # stratified t over the global batch × blocks grid
+    resample: bool = False  # keep each block's masked fraction inside the window (bounded retries)
+    resample_tries: int = 8
+    ignore_bos: bool = False  # never mask position 0 (the reference's algo.ignore_bos)
+
+
+@dataclass
+class DataConfig:
+    path: str = "embedded:sotu"  # embedded:sotu | a directory of .txt | a .txt | a .jsonl[.gz]
+    tokenizer: str = "gpt2"  # gpt2 | bert-base-uncased
+    val_docs: int = 8  # the last N documents are held out for validation
+    cache_dir: str | None = "runs/cache"  # packed-token cache (None disables)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seed: int = 1
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    eval_interval: int = 100  # optimizer steps between validations (0 = only at the end)
+    eval_batches: int = 8  # validation micro-batches per evaluation (0 = the whole split)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    schedule: str = "constant"  # constant | cosine (after warmup)
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema: float = 0.9999  # 0 disables the EMA of weights
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = "runs/default/checkpoints"
+    interval: int = 500  # optimizer steps between checkpoints (0 = only at the end)
+    resume: str = "auto"  # auto (newest complete checkpoint in dir, if any) | none | a checkpoint directory
+    keep: int = 3  # newest checkpoints kept (0 keeps all)
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"
+    interval: int = 10
+    wandb: bool = False
+    wandb_project: str = "bd3-megatron"
+    progress: bool = True  # one-line progress bar on a terminal
+
+
+@dataclass
+class SampleConfig:
+    after_train: bool = True  # print samples when training ends
+    num_samples: int = 2
+    length: int | None = None  # tokens per sample (default model.seq_len)
+    steps: int = 8  # denoising steps per block
+    nucleus_p: float = 1.0  # 1.0 = plain sampling
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against annotation ``tp``; returns (ok, coerced value). ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, v = _type_ok(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for item in value:
+            ok, v = _type_ok(item, item_tp)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config annotation {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build_section(cls, values: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}.{key}'{hint}")
+        ok, coerced = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(f"config key '{prefix}.{key}' must be {_type_name(hints[key])}, got {value!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are YAML scalars/lists, never evaluated as code."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key '{key}' must be section.key (e.g. model.block_size=8)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return parts, value
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a nested dict plus dotted overrides."""
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else None
+    if raw is None:
+        raise ConfigError("config file must hold a mapping of sections (model:, train:, ...)")
+    sections = _sections()
+    for name, body in raw.items():
+        if name not in sections:
+            close = difflib.get_close_matches(name, list(sections), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; sections: {', '.join(sections)}"
+            raise ConfigError(f"unknown config section '{name}'{hint}")
+    for text in overrides or []:
+        (section, key), value = parse_override(text)
+        if section not in sections:
+            close = difflib.get_close_matches(section, list(sections), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config section '{section}' in override '{text}'{hint}")
+        raw.setdefault(section, {})[key] = value
+    model = raw.get("model", {})
+    preset = model.get("preset")
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset must be one of {', '.join(MODEL_PRESETS)}, got {preset!r}")
+        raw["model"] = {**MODEL_PRESETS[preset], **model}
+    cfg = Config(**{name: _build_section(cls, raw.get(name, {}), name) for name, cls in sections.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return config_from_dict(raw, overrides)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that do not depend on the number of processes."""
+    m, d, t, o, p = cfg.model, cfg.diffusion, cfg.train, cfg.optim, cfg.parallel
+    for key in ("num_layers", "hidden_size", "num_heads", "seq_len", "block_size"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _require(m.seq_len % m.block_size == 0,
+             f"model.seq_len ({m.seq_len}) must be divisible by model.block_size ({m.block_size})")
+    _require(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    _require((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even (RoPE)")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(m.attention_backend in ("auto", "sdpa", "flex"),
+             f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}")
+    _require(d.schedule == "loglinear", f"diffusion.schedule must be 'loglinear', got {d.schedule!r}")
+    _require(0.0 < d.eps_min <= d.eps_max <= 1.0,
+             f"diffusion window needs 0 < eps_min <= eps_max <= 1, got [{d.eps_min}, {d.eps_max}]")
+    _require(d.resample_tries >= 1, "diffusion.resample_tries must be >= 1")
+    if d.resample:
+        from bd3_megatron.diffusion.noise import window_feasible
+        from bd3_megatron.diffusion.schedule import ClipWindow
+
+        _require(window_feasible(ClipWindow(d.eps_min, d.eps_max), m.block_size),
+                 f"diffusion window [{d.eps_min}, {d.eps_max}] admits no masked-token count for block_size "
+                 f"{m.block_size}; widen the window or set diffusion.resample=false")
+    _require(t.max_steps >= 1, "train.max_steps must be >= 1")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+             f"({t.micro_batch_size})")
+    _require(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
+    _require(t.eval_interval >= 0 and t.eval_batches >= 0, "train.eval_interval and train.eval_batches must be >= 0")
+    _require(o.lr > 0, "optim.lr must be > 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+    _require(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant|cosine, got {o.schedule!r}")
+    _require(0.0 <= o.ema < 1.0, f"optim.ema must be in [0, 1), got {o.ema}")
+    _require(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
+    _require(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
+    _require(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _require(p.device in ("auto", "cuda", "cpu"), f"parallel.device must be auto|cuda|cpu, got {p.device!r}")
+    _require(m.num_heads % p.tp == 0, f"model.num_heads ({m.num_heads}) must be divisible by parallel.tp ({p.tp})")
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    _require(ffn % p.tp == 0, f"the MLP width ({ffn}) must be divisible by parallel.tp ({p.tp})")
+    _require(m.num_layers % p.pp == 0,
+             f"model.num_layers ({m.num_layers}) must be divisible by parallel.pp ({p.pp})")
+    _require(not (p.pp > 1 and p.zero_stage > 1),
+             f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); use 0 or 1")
+    _require(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep >= 0, "checkpoint.interval/keep must be >= 0")
+    _require(cfg.log.interval >= 1, "log.interval must be >= 1")
+    s = cfg.sample
+    _require(s.num_samples >= 0 and s.steps >= 1, "sample.num_samples must be >= 0 and sample.steps >= 1")
+    _require(0.0 < s.nucleus_p <= 1.0, f"sample.nucleus_p must be in (0, 1], got {s.nucleus_p}")
+    if s.length is not None:
+        _require(s.length >= 1 and s.length % m.block_size == 0,
+                 f"sample.length ({s.length}) must be a positive multiple of model.block_size ({m.block_size})")
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Checks that need the number of processes; returns the data-parallel size."""
+    mp = cfg.parallel.tp * cfg.parallel.pp
+    _require(world_size % mp == 0,
+             f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {mp}; launch a multiple of {mp} "
+             f"processes")
+    dp = world_size // mp
+    per_step = cfg.train.micro_batch_size * dp
+    _require(cfg.train.global_batch_size % per_step == 0,
+             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
+             f"data-parallel size ({cfg.train.micro_batch_size} x {dp} = {per_step})")
+    return dp

@@ -1,0 +1,92 @@
+"""The one switch between GPU (CUDA + NCCL) and CPU (gloo) execution.
+
+Every device decision in the project goes through :func:`select_runtime`; no other module calls ``torch.cuda``
+directly. On a machine without CUDA the megatron-core CPU shim is installed here, once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where tensors live and which collective backend connects the ranks."""
+
+    device: torch.device
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self, dtype: torch.dtype | None):
+        """Mixed-precision context for forward passes (no-op for fp32)."""
+        if dtype is None or dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def max_memory_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.is_cuda else 0
+
+    def default_dtype_name(self) -> str:
+        return "bf16" if self.is_cuda else "fp32"
+
+
+_RUNTIME: Runtime | None = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def select_runtime(requested: str = "auto", local_rank: int | None = None) -> Runtime:
+    """Pick device + backend. ``requested`` is ``auto`` | ``cuda`` | ``cpu``.
+
+    ``auto`` uses CUDA when present. Asking for ``cuda`` on a machine without it is an error, not a silent fallback.
+    """
+    global _RUNTIME
+    if requested not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"parallel.device must be one of auto|cuda|cpu, got {requested!r}")
+    if requested == "cuda" and not cuda_available():
+        raise RuntimeError("parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto")
+    use_cuda = requested == "cuda" or (requested == "auto" and cuda_available())
+    if use_cuda:
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        runtime = Runtime(torch.device("cuda", local_rank), "nccl")
+    else:
+        # DeepSpeed must not mistake a CUDA-built torch without a GPU for a GPU machine.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from bd3_megatron.parallel import cpu_shim
+
+        cpu_shim.install()
+        runtime = Runtime(torch.device("cpu"), "gloo")
+    _RUNTIME = runtime
+    return runtime
+
+
+def current_runtime() -> Runtime:
+    """The runtime chosen by :func:`select_runtime` (CPU if none was chosen yet)."""
+    return _RUNTIME if _RUNTIME is not None else select_runtime("auto")
+
+
+def device_redirect():
+    """Context for megatron-core code paths that allocate on a literal ``device="cuda"`` (the pipeline schedules).
+
+    On CUDA it does nothing; on CPU it maps those allocations to the CPU.
+    """
+    runtime = current_runtime()
+    if runtime.is_cuda:
+        return contextlib.nullcontext()
+    from bd3_megatron.parallel import cpu_shim
+
+    return cpu_shim.CudaAllocationsToCpu()

@@ -1,0 +1,56 @@
+"""From global sample indices to corrupted micro-batches.
+
+Optimizer step s consumes global samples [s*G, (s+1)*G). Micro-batch m of data-parallel rank r holds the
+contiguous slice starting at s*G + (m*dp + r)*mb. Rows come from ``ShuffledStream`` and noise from
+``diffusion.corrupt``, both keyed by the global sample index, so every layout sees the same data and noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bd3_megatron.config import Config
+from bd3_megatron.diffusion import noise
+from bd3_megatron.diffusion.schedule import ClipWindow, get_schedule
+
+
+@dataclass
+class MicroBatch:
+    x0: torch.Tensor  # [b, L] clean tokens
+    xt: torch.Tensor  # [b, L] noisy tokens
+    masked: torch.Tensor  # [b, L] bool, positions replaced by the mask token
+    weight: torch.Tensor  # [b, L] fp32 NELBO weight per token (loss_weight(t) on masked positions, else 0)
+    sample_index: torch.Tensor  # [b] global sample indices
+
+
+def sample_indices(step: int, micro: int, dp_rank: int, dp: int, micro_batch: int, global_batch: int) -> np.ndarray:
+    start = step * global_batch + (micro * dp + dp_rank) * micro_batch
+    return np.arange(start, start + micro_batch, dtype=np.int64)
+
+
+class BatchMaker:
+    """Builds corrupted micro-batches for training (and fixed-noise ones for validation)."""
+
+    def __init__(self, cfg: Config, mask_token_id: int, device: torch.device):
+        self.cfg = cfg
+        self.mask_token_id = mask_token_id
+        self.device = device
+        d = cfg.diffusion
+        self.window = ClipWindow(d.eps_min, d.eps_max)
+        self.schedule = get_schedule(d.schedule)
+
+    def corrupt(self, x0: torch.Tensor, sample_index: torch.Tensor, step: int, *, window: ClipWindow | None = None,
+                global_batch: int | None = None, seed_offset: int = 0) -> MicroBatch:
+        d = self.cfg.diffusion
+        x0 = x0.to(self.device)
+        sample_index = sample_index.to(self.device)
+        c = noise.corrupt(x0, sample_index, step, seed=self.cfg.train.seed + seed_offset,
+                          block_size=self.cfg.model.block_size, window=window or self.window,
+                          mask_token_id=self.mask_token_id,
+                          global_batch_size=global_batch or self.cfg.train.global_batch_size,
+                          antithetic=d.antithetic, resample=d.resample and window is None, ignore_bos=d.ignore_bos,
+                          **({"max_tries": d.resample_tries} if d.resample and window is None else {}))
+        weight = torch.where(c.masked, self.schedule.loss_weight(c.t_tokens), torch.zeros_like(c.t_tokens))
+        return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), sample_index=sample_index)

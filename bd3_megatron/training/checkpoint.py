@@ -1,0 +1,213 @@
+"""Crash-safe checkpoints: written under a temporary name, published by rename, tracked by ``latest``.
+
+Layout of ``checkpoint.dir``::
+
+    latest                       one line: the name of the newest complete checkpoint (written last)
+    step_00000500/
+        metadata.json            config, step, consumed samples, layout, library versions, file sizes
+        model_tp00_pp00.pt       model (+ EMA) shard of one (tp, pp) position, written by data-parallel rank 0
+        optim_rank00000.pt       optimizer/scheduler state of one rank
+        rng_rank00000.pt         RNG states of one rank
+
+Every torch file is read with ``weights_only=True``; metadata is JSON. A directory that ``latest`` does not name,
+or whose files do not match the sizes recorded in its metadata, is never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the directory and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    rank: int
+
+    def model_file(self) -> str:
+        return f"model_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}.pt"
+
+    def optim_file(self) -> str:
+        return f"optim_rank{self.rank:05d}.pt"
+
+    def rng_file(self) -> str:
+        return f"rng_rank{self.rank:05d}.pt"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("torch", "megatron-core", "deepspeed", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+        state["tracker"] = mrandom.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "tracker" in state:
+        mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(root: str | Path, step: int, layout: Layout, *, model_state: dict, optim_state: dict,
+                    metadata: dict[str, Any], keep: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the published directory."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if layout.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # leftover of a crashed save: never a published checkpoint
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    if layout.dp_rank == 0:
+        torch.save(model_state, tmp / layout.model_file())
+    torch.save(optim_state, tmp / layout.optim_file())
+    torch.save(rng_state(), tmp / layout.rng_file())
+    _barrier()
+    if layout.rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        meta = dict(metadata, format_version=FORMAT_VERSION, step=step, saved_at=time.time(),
+                    layout={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}, versions=_library_versions(),
+                    files=files)
+        _atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=2, sort_keys=True))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace only once the new one is whole
+            old = root / (step_dir_name(step) + ".old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _atomic_write_text(root / "latest", final.name + "\n")
+        if keep:
+            _prune(root, keep, protect=final.name)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name))
+    for old in steps[:-keep]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(spec: str, root: str | Path | None) -> Path | None:
+    """``auto``: the directory ``root/latest`` names, or None if no checkpoint was published yet;
+    ``none``: None; otherwise an explicit checkpoint directory (or a root holding ``latest``)."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if root is None:
+            return None
+        tracker = Path(root) / "latest"
+        if not tracker.exists():
+            return None
+        name = tracker.read_text().strip()
+        path = Path(root) / name
+        if not _STEP_RE.match(name) or not path.is_dir():
+            raise CheckpointError(f"{tracker} names '{name}', which is not a checkpoint directory; restore it or "
+                                  f"pass checkpoint.resume=<dir> explicitly")
+        return path
+    path = Path(spec)
+    if (path / "latest").exists():
+        return resolve_checkpoint("auto", path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Metadata of a complete checkpoint; raises CheckpointError for partial or damaged ones."""
+    meta_file = path / "metadata.json"
+    if path.name.endswith(".tmp") or not meta_file.exists():
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no metadata.json: the save did not finish); "
+                              f"resume from an earlier step")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_file} is corrupt ({exc}); resume from an earlier step") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {meta.get('format_version')}, this code reads "
+                              f"{FORMAT_VERSION}")
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{path} is missing {name}; the checkpoint is incomplete")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, metadata says {size}: the file is truncated or "
+                                  f"was modified")
+    return meta
+
+
+def load_file(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged zip/pickle data
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
+def check_layout(meta: dict[str, Any], layout: Layout, path: Path) -> None:
+    saved = meta["layout"]
+    if (saved["tp"], saved["pp"], saved["dp"]) != (layout.tp, layout.pp, layout.dp):
+        raise CheckpointError(
+            f"{path} was saved with tp={saved['tp']} pp={saved['pp']} dp={saved['dp']} but this run is "
+            f"tp={layout.tp} pp={layout.pp} dp={layout.dp}; resume with the same layout (tools/convert.py exports "
+            f"layout-free weights)")

@@ -1,0 +1,66 @@
+"""metrics.jsonl, the console progress line and optional Weights & Biases logging (logging rank only)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str | Path, enabled: bool, *, progress: bool = True, max_steps: int = 0,
+                 wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.tty = progress and sys.stdout.isatty()
+        self.start = time.time()
+        self._wandb = None
+        if not enabled:
+            return
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._fh.write(json.dumps(clean, sort_keys=True) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if k != "step"}, step=record["step"])
+        self.print_progress(record)
+
+    def print_progress(self, r: dict[str, Any]) -> None:
+        step, total = r["step"], self.max_steps
+        width = 24
+        filled = int(width * step / total) if total else 0
+        bar = "#" * filled + "." * (width - filled)
+        parts = [f"[{bar}] step {step}/{total}"]
+        if r.get("loss") is not None:
+            parts.append(f"loss {r['loss']:.4f}")
+        if "tokens_per_s" in r:
+            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        if "val_nelbo" in r:
+            parts.append(f"val_nelbo {r['val_nelbo']:.4f} val_ppl {r['val_ppl']:.2f}")
+        parts.append(f"{time.time() - self.start:.0f}s")
+        line = " | ".join(parts)
+        if self.tty and "val_nelbo" not in r:
+            print("\r" + line, end="", flush=True)
+        else:
+            print(("\n" if self.tty else "") + line, flush=True)
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            print(("\n" if self.tty else "") + text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._fh.close()
+            if self._wandb is not None:
+                self._wandb.finish()

@@ -1,0 +1,226 @@
+"""The training loop: megatron-core forward/backward schedules, an optimizer engine, eval, checkpoints, samples."""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from bd3_megatron.config import Config, validate_layout
+from bd3_megatron.diffusion.schedule import ClipWindow
+from bd3_megatron.model.bd3_model import canonical_parameter_names
+from bd3_megatron.model.build import build_model, precision_dtype
+from bd3_megatron.parallel.device import device_redirect
+from bd3_megatron.parallel.state import ParallelContext
+from bd3_megatron.training import checkpoint as ckpt
+from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
+from bd3_megatron.training.engine import LocalEngine
+from bd3_megatron.training.metrics import MetricsLogger
+from bd3_megatron.training.optim import EMA, lr_at
+
+EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
+
+
+class TrainingStopped(RuntimeError):
+    """Training could not continue (e.g. too many consecutive non-finite steps); the last checkpoint is intact."""
+
+
+def loss_from_token_ce(batch: MicroBatch, ce: torch.Tensor):
+    """megatron schedule loss_func: NELBO averaged over all tokens of the micro-batch (reference convention)."""
+    weighted = ce * batch.weight
+    loss = weighted.sum() / weighted.numel()
+    return loss, {"loss": loss.detach(), "weighted_sum": weighted.detach().sum(),
+                  "tokens": torch.tensor(float(weighted.numel())), "masked": batch.masked.float().sum()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: ParallelContext):
+        from data_pipeline.dataset import ShuffledStream, build_text_datasets
+        from data_pipeline.tokenizers import get_tokenizer
+
+        self.cfg, self.ctx = cfg, ctx
+        self.dp = validate_layout(cfg, ctx.world_size)
+        if ctx.world_size > 1 or cfg.parallel.zero_stage > 0:
+            raise ValueError("this build trains in a single process (tp=pp=1, one rank, zero_stage=0); "
+                             "multi-process layouts come with the distributed engine")
+        t = cfg.train
+        self.micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.device = ctx.runtime.device
+        self.dtype = precision_dtype(cfg, ctx.runtime.is_cuda)
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+        self.train_rows, self.val_rows, self.data_info = build_text_datasets(
+            cfg.data.path, self.tokenizer, cfg.model.seq_len, cfg.data.val_docs, cfg.data.cache_dir)
+        self.stream = ShuffledStream(self.train_rows, seed=t.seed)
+        self.model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
+        self.engine = LocalEngine(self.model, cfg.optim, fused=ctx.runtime.is_cuda)
+        self.named = dict(self.model.named_parameters())
+        self.canonical = canonical_parameter_names(self.model)
+        self.ema = EMA(self.named, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        self.batches = BatchMaker(cfg, self.tokenizer.mask_token_id, self.device)
+        self.layout = ckpt.Layout(ctx.tp, ctx.pp, self.dp, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.rank)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.logger = MetricsLogger(cfg.log.dir, ctx.is_logging_rank, progress=cfg.log.progress,
+                                    max_steps=t.max_steps, wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
+                                    config=cfg.to_dict())
+
+    # ------------------------------------------------------------------ forward/backward
+    def _run_schedule(self, micro_batches: list[MicroBatch], forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            with self.ctx.runtime.autocast(self.dtype):
+                ce = model(batch.xt, batch.x0, batch.masked)
+            return ce, partial(loss_from_token_ce, batch)
+
+        with device_redirect():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
+                num_microbatches=len(micro_batches), seq_length=2 * self.cfg.model.seq_len,
+                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+
+    def _train_micro_batches(self, step: int) -> list[MicroBatch]:
+        t = self.cfg.train
+        out = []
+        for m in range(self.micro_batches):
+            idx = sample_indices(step, m, self.ctx.dp_rank, self.dp, t.micro_batch_size, t.global_batch_size)
+            out.append(self.batches.corrupt(self.stream.get(idx), torch.from_numpy(idx), step))
+        return out
+
+    def train_step(self) -> dict:
+        self.model.train()
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        reports = self._run_schedule(self._train_micro_batches(self.step), forward_only=False)
+        loss = float(torch.stack([r["loss"] for r in reports]).mean()) if reports else float("nan")
+        grad_norm, applied = self.engine.step(lr)
+        if applied and math.isfinite(loss):
+            self.bad_steps = 0
+            if self.ema is not None:
+                self.ema.update(self.named)
+        else:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+        self.step += 1
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation NELBO (window [1e-3, 1], fixed noise) with EMA weights: token-weighted over the batches."""
+        t = self.cfg.train
+        mb, n_rows = t.micro_batch_size, len(self.val_rows)
+        per_pass = mb * self.dp
+        n_batches = n_rows // per_pass
+        if t.eval_batches:
+            n_batches = min(n_batches, t.eval_batches)
+        if n_batches == 0:
+            raise ValueError(f"validation split has {n_rows} rows, fewer than one batch of {per_pass}; raise "
+                             f"data.val_docs or lower train.micro_batch_size")
+        self.model.eval()
+        if self.ema is not None:
+            self.ema.swap_into(self.named)
+        try:
+            micro = []
+            for i in range(n_batches):
+                idx = np.arange(i * per_pass + self.ctx.dp_rank * mb, i * per_pass + (self.ctx.dp_rank + 1) * mb)
+                x0 = torch.from_numpy(self.val_rows.rows(idx))
+                micro.append(self.batches.corrupt(x0, torch.from_numpy(idx), 0, window=ClipWindow(1e-3, 1.0),
+                                                  global_batch=n_batches * per_pass, seed_offset=EVAL_SEED_OFFSET))
+            reports = self._run_schedule(micro, forward_only=True)
+        finally:
+            if self.ema is not None:
+                self.ema.swap_into(self.named)
+        total = sum(float(r["weighted_sum"]) for r in reports)
+        tokens = sum(float(r["tokens"]) for r in reports)
+        nelbo = total / tokens
+        return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 50.0))}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict:
+        state = {"model": {self.canonical[n]: p.detach().cpu() for n, p in self.named.items()}}
+        if self.ema is not None:
+            ema = self.ema.state_dict()
+            state["ema"] = {"decay": ema["decay"], "num_updates": ema["num_updates"],
+                            "shadow": {self.canonical[n]: v.cpu() for n, v in ema["shadow"].items()}}
+        return state
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        if c.dir is None:
+            return
+        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.step * self.cfg.train.global_batch_size,
+                "skipped_steps": self.skipped_steps, "data": {"stream": "ShuffledStream", **self.data_info},
+                "tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size,
+                "mask_token_id": self.tokenizer.mask_token_id}
+        path = ckpt.save_checkpoint(c.dir, self.step, self.layout, model_state=self._model_state(),
+                                    optim_state={"engine": self.engine.state_dict(), "step": self.step},
+                                    metadata=meta, keep=c.keep)
+        self.logger.info(f"saved checkpoint {path}")
+
+    def maybe_resume(self) -> None:
+        c = self.cfg.checkpoint
+        path = ckpt.resolve_checkpoint(c.resume, c.dir)
+        if path is None:
+            return
+        meta = ckpt.read_metadata(path)
+        ckpt.check_layout(meta, self.layout, path)
+        saved_cfg = meta["config"]
+        for section, key in (("model", "seq_len"), ("model", "block_size"), ("model", "num_layers"),
+                             ("model", "hidden_size"), ("data", "tokenizer"), ("train", "global_batch_size")):
+            if saved_cfg[section][key] != getattr(getattr(self.cfg, section), key):
+                raise ckpt.CheckpointError(f"{path} has {section}.{key}={saved_cfg[section][key]} but this run has "
+                                           f"{getattr(getattr(self.cfg, section), key)}; resume with the same value")
+        mstate = ckpt.load_file(path / self.layout.model_file())
+        by_canonical = {self.canonical[n]: n for n in self.named}
+        if set(mstate["model"]) != set(by_canonical):
+            raise ckpt.CheckpointError(f"{path}: model tensors do not match this model")
+        with torch.no_grad():
+            for cname, tensor in mstate["model"].items():
+                self.named[by_canonical[cname]].copy_(tensor)
+            if self.ema is not None and "ema" in mstate:
+                e = mstate["ema"]
+                self.ema.load_state_dict({"decay": e["decay"], "num_updates": e["num_updates"],
+                                          "shadow": {by_canonical[k]: v for k, v in e["shadow"].items()}})
+        ostate = ckpt.load_file(path / self.layout.optim_file())
+        self.engine.load_state_dict(ostate["engine"])
+        ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
+        self.step = meta["step"]
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self.logger.info(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        last_eval: dict = {}
+        window_start, window_steps = time.time(), 0
+        while self.step < t.max_steps:
+            record = self.train_step()
+            window_steps += 1
+            if self.bad_steps >= t.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
+                                      f"The last checkpoint is intact; lower optim.lr or check the data")
+            done = self.step >= t.max_steps
+            is_eval = done or (t.eval_interval and self.step % t.eval_interval == 0)
+            if self.step % cfg.log.interval == 0 or is_eval or done:
+                elapsed = time.time() - window_start
+                record.update(step=self.step, tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
+                              consumed_samples=self.step * t.global_batch_size)
+                if is_eval:
+                    last_eval = self.evaluate()
+                    record.update(last_eval)
+                self.logger.log(record)
+                window_start, window_steps = time.time(), 0
+            if cfg.checkpoint.dir and (done or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)):
+                self.save()
+        return last_eval
+
+    def initial_eval(self) -> dict:
+        """Validation at step 0 (before any update), logged like any other eval."""
+        result = self.evaluate()
+        self.logger.log({"step": self.step, "loss": None, **result})
+        return result
