@@ -18,12 +18,15 @@ from megatron.core.transformer.module import MegatronModule
 _COMPILED_FLEX = None
 
 
-def _flex_attention():
-    """flex_attention compiled once per process (eager flex is only a reference implementation)."""
+def _flex_attention(on_cuda: bool):
+    """flex_attention, compiled once per process on CUDA. On CPU the eager kernel is used: it is a forward-only
+    reference there (no CPU backward), good for checking flex against SDPA without a 25 s compile."""
     global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
+    if not on_cuda:
+        return flex_attention
+    if _COMPILED_FLEX is None:
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 
@@ -53,7 +56,7 @@ class BD3CoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         gqa = k.shape[1] != q.shape[1]
         if is_block_mask(attention_mask):
-            out = _flex_attention()(q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=gqa)
+            out = _flex_attention(q.is_cuda)(q, k, v, block_mask=attention_mask, scale=self.softmax_scale, enable_gqa=gqa)
         else:
             if attention_mask is None or attention_mask.dtype != torch.bool:
                 raise TypeError("BD3CoreAttention needs a bool mask (True = may attend) or a flex BlockMask")

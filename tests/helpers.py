@@ -1,0 +1,24 @@
+"""Small builders shared by tests (not fixtures: plain functions)."""
+from __future__ import annotations
+
+import torch
+
+from bd3_megatron.model.bd3_model import BD3Model, BD3Spec, build_transformer_config, init_parameters
+
+VOCAB = 61  # small fake vocabulary; id 60 is the mask token
+MASK_ID = 60
+
+
+def tiny_model(seq_len: int = 16, block_size: int = 4, layers: int = 2, hidden: int = 32, heads: int = 4,
+               seed: int = 0, backend: str = "sdpa") -> BD3Model:
+    cfg = build_transformer_config(num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=None,
+                                   dropout=0.0, tp=1, pp=1)
+    spec = BD3Spec(vocab_size=VOCAB, mask_token_id=MASK_ID, seq_len=seq_len, block_size=block_size,
+                   attention_backend=backend)
+    model = BD3Model(cfg, spec)
+    init_parameters(model, seed)
+    return model.eval()
+
+
+def random_tokens(b: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, MASK_ID, (b, seq_len), generator=torch.Generator().manual_seed(seed))
