@@ -1,0 +1,90 @@
+"""Config schema: YAML + dotted overrides, types, presets, and one clear error per mistake."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bd3_megatron.config import ConfigError, config_from_dict, load_config, validate_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_required_keys_exist_and_overrides_apply():
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml",
+                      ["model.block_size=8", "optim.lr=1e-3", "train.eval_interval=5", "checkpoint.dir=null"])
+    for key in ("model.block_size", "model.seq_len", "model.num_layers", "model.hidden_size", "model.num_heads",
+                "train.max_steps", "train.seed", "train.micro_batch_size", "train.global_batch_size", "optim.lr",
+                "checkpoint.dir", "checkpoint.interval", "parallel.tp", "parallel.pp", "parallel.zero_stage",
+                "data.path", "log.dir", "log.interval", "train.eval_interval"):
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
+    assert cfg.model.block_size == 8 and cfg.optim.lr == 1e-3 and cfg.checkpoint.dir is None
+    assert isinstance(cfg.optim.lr, float)
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_presets_fill_sizes_but_explicit_keys_win():
+    cfg = config_from_dict({"model": {"preset": "small"}})
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads) == (12, 768, 12)
+    cfg = config_from_dict({"model": {"preset": "medium", "num_layers": 4}})
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (4, 1024)
+
+
+@pytest.mark.parametrize("raw,overrides,needle", [
+    ({"model": {"hiden_size": 64}}, [], "did you mean 'model.hidden_size'"),
+    ({"modle": {}}, [], "unknown config section 'modle'"),
+    ({}, ["model.seq_len=100", "model.block_size=8"], "divisible by model.block_size"),
+    ({}, ["model.num_layers=two"], "model.num_layers' must be int"),
+    ({}, ["train.max_steps=1.5"], "train.max_steps' must be int"),
+    ({}, ["model.dropout=true"], "model.dropout' must be float"),
+    ({}, ["optim.lr=0"], "optim.lr must be > 0"),
+    ({}, ["parallel.pp=2", "parallel.zero_stage=2"], "not supported with pipeline parallelism"),
+    ({}, ["parallel.tp=5"], "num_heads (12) must be divisible by parallel.tp"),
+    ({}, ["model.preset=huge"], "model.preset must be one of"),
+    ({}, ["train.global_batch_size=12", "train.micro_batch_size=8"], "multiple of train.micro_batch_size"),
+    ({}, ["diffusion.eps_min=0.5", "diffusion.eps_max=0.2"], "0 < eps_min <= eps_max <= 1"),
+    ({}, ["model.block_size=1", "model.seq_len=8", "diffusion.resample=true", "diffusion.eps_min=0.3",
+          "diffusion.eps_max=0.8"], "admits no masked-token count"),
+    ({}, ["nodot=3"], "must be section.key"),
+    ({}, ["model.block_size"], "not of the form"),
+])
+def test_bad_config_gives_one_clear_error(raw, overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_layout_checks_need_world_size():
+    cfg = config_from_dict({}, ["parallel.tp=2", "train.micro_batch_size=2", "train.global_batch_size=8"])
+    assert validate_layout(cfg, 4) == 2
+    with pytest.raises(ConfigError, match="not divisible by parallel.tp"):
+        validate_layout(cfg, 3)
+    cfg = config_from_dict({}, ["train.micro_batch_size=4", "train.global_batch_size=4"])
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size x data-parallel size"):
+        validate_layout(cfg, 2)
+
+
+def test_values_are_parsed_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(ConfigError):
+        config_from_dict({}, [f"model.num_layers=__import__('os').system('touch {marker}')"])
+    assert not marker.exists()
+
+
+def test_cli_reports_config_error_in_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
+                           "model.hiden_size=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown config key 'model.hiden_size'"), proc.stderr[-500:]
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(tmp_path / "missing.yaml")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
