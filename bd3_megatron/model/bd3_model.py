@@ -242,7 +242,7 @@ def build_transformer_config(*, num_layers: int, hidden_size: int, num_heads: in
         add_bias_linear=False, activation_func=lambda x: F.gelu(x, approximate="tanh"), normalization="LayerNorm",
         layernorm_epsilon=1e-5, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         params_dtype=params_dtype, pipeline_dtype=pipeline_dtype, use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+        perform_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, sequence_parallel=False,
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,

@@ -67,6 +67,8 @@ def init_distributed(runtime: Runtime, env: LaunchEnv, timeout_s: float = 600.0)
     if dist.is_initialized():
         return
     timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed reads these; Slurm and plain launches do not set them
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     if env.world_size == 1:
         dist.init_process_group(runtime.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
@@ -92,7 +94,9 @@ def initialize(tp: int, pp: int, seed: int, device: str = "auto", env: LaunchEnv
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    torch.manual_seed(seed)
+    # Dropout streams: shared by the tensor-parallel ranks of one replica (they must drop the same activations),
+    # distinct across data-parallel replicas. Noise and initial weights never use these streams (they are keyed).
+    torch.manual_seed(seed + 7919 * parallel_state.get_data_parallel_rank())
     model_parallel_cuda_manual_seed(seed)
     return ParallelContext(
         runtime=runtime, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp, pp=pp,

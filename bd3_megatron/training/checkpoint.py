@@ -6,7 +6,7 @@ Layout of ``checkpoint.dir``::
     step_00000500/
         metadata.json            config, step, consumed samples, layout, library versions, file sizes
         model_tp00_pp00.pt       model (+ EMA) shard of one (tp, pp) position, written by data-parallel rank 0
-        optim_rank00000.pt       optimizer/scheduler state of one rank
+        optim_tp00_pp00_dp000.pt optimizer state (ZeRO partition) of one rank
         rng_rank00000.pt         RNG states of one rank
 
 Every torch file is read with ``weights_only=True``; metadata is JSON. A directory that ``latest`` does not name,
@@ -47,8 +47,9 @@ class Layout:
     def model_file(self) -> str:
         return f"model_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}.pt"
 
-    def optim_file(self) -> str:
-        return f"optim_rank{self.rank:05d}.pt"
+    def optim_file(self, dp_rank: int | None = None) -> str:
+        dp_rank = self.dp_rank if dp_rank is None else dp_rank
+        return f"optim_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}_dp{dp_rank:03d}.pt"
 
     def rng_file(self) -> str:
         return f"rng_rank{self.rank:05d}.pt"

@@ -13,10 +13,10 @@ from bd3_megatron.diffusion.schedule import ClipWindow
 from bd3_megatron.model.bd3_model import canonical_parameter_names
 from bd3_megatron.model.build import build_model, precision_dtype
 from bd3_megatron.parallel.device import device_redirect
+from bd3_megatron.parallel.ds_engine import DeepSpeedEngine
 from bd3_megatron.parallel.state import ParallelContext
 from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
-from bd3_megatron.training.engine import LocalEngine
 from bd3_megatron.training.metrics import MetricsLogger
 from bd3_megatron.training.optim import EMA, lr_at
 
@@ -42,9 +42,6 @@ class Trainer:
 
         self.cfg, self.ctx = cfg, ctx
         self.dp = validate_layout(cfg, ctx.world_size)
-        if ctx.world_size > 1 or cfg.parallel.zero_stage > 0:
-            raise ValueError("this build trains in a single process (tp=pp=1, one rank, zero_stage=0); "
-                             "multi-process layouts come with the distributed engine")
         t = cfg.train
         self.micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.device = ctx.runtime.device
@@ -53,8 +50,10 @@ class Trainer:
         self.train_rows, self.val_rows, self.data_info = build_text_datasets(
             cfg.data.path, self.tokenizer, cfg.model.seq_len, cfg.data.val_docs, cfg.data.cache_dir)
         self.stream = ShuffledStream(self.train_rows, seed=t.seed)
-        self.model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
-        self.engine = LocalEngine(self.model, cfg.optim, fused=ctx.runtime.is_cuda)
+        model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
+        self.engine = DeepSpeedEngine(model, cfg, ctx, self.dp, self.micro_batches,
+                                      bf16=self.dtype == torch.bfloat16)
+        self.model = self.engine.module
         self.named = dict(self.model.named_parameters())
         self.canonical = canonical_parameter_names(self.model)
         self.ema = EMA(self.named, cfg.optim.ema) if cfg.optim.ema > 0 else None
@@ -94,9 +93,20 @@ class Trainer:
     def train_step(self) -> dict:
         self.model.train()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
-        reports = self._run_schedule(self._train_micro_batches(self.step), forward_only=False)
-        loss = float(torch.stack([r["loss"] for r in reports]).mean()) if reports else float("nan")
-        grad_norm, applied = self.engine.step(lr)
+        self.engine.set_lr(lr)
+        micro = self._train_micro_batches(self.step)
+        if self.ctx.pp > 1:  # megatron's 1F1B schedule accumulates; DeepSpeed reduces and steps once
+            reports = self._run_schedule(micro, forward_only=False)
+        else:  # DeepSpeed drives the micro-batches (any ZeRO stage)
+            reports = []
+            for batch in micro:
+                with self.ctx.runtime.autocast(self.dtype):
+                    ce = self.engine.engine(batch.xt, batch.x0, batch.masked)
+                loss, report = loss_from_token_ce(batch, ce)
+                self.engine.backward(loss)
+                reports.append(report)
+        grad_norm, applied = self.engine.step()
+        loss = self._mean_over_data_parallel(reports)
         if applied and math.isfinite(loss):
             self.bad_steps = 0
             if self.ema is not None:
@@ -106,6 +116,18 @@ class Trainer:
             self.skipped_steps += 1
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
+
+    def _mean_over_data_parallel(self, reports: list[dict]) -> float:
+        """The step's loss averaged over micro-batches and data-parallel ranks (meaningful on the last stage)."""
+        from megatron.core import parallel_state
+
+        if not reports:
+            return float("nan")
+        local = torch.stack([r["loss"].float() for r in reports]).mean().reshape(1).to(self.device)
+        if self.dp > 1:
+            torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
+            local /= self.dp
+        return float(local)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -134,14 +156,23 @@ class Trainer:
         finally:
             if self.ema is not None:
                 self.ema.swap_into(self.named)
-        total = sum(float(r["weighted_sum"]) for r in reports)
-        tokens = sum(float(r["tokens"]) for r in reports)
-        nelbo = total / tokens
+        sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports),
+                             sum(float(r["tokens"]) for r in reports)], dtype=torch.float64, device=self.device)
+        if self.dp > 1:
+            from megatron.core import parallel_state
+
+            torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        if not self.ctx.is_last_stage:
+            return {}
+        nelbo = float(sums[0] / sums[1])
         return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 50.0))}
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict:
-        state = {"model": {self.canonical[n]: p.detach().cpu() for n, p in self.named.items()}}
+        state = {"model": {self.canonical[n]: p.detach().cpu() for n, p in self.named.items()},
+                 # how each tensor is split across tensor-parallel ranks (None: replicated); read by convert/reshard
+                 "tp_partition": {self.canonical[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False)
+                                                      else None) for n, p in self.named.items()}}
         if self.ema is not None:
             ema = self.ema.state_dict()
             state["ema"] = {"decay": ema["decay"], "num_updates": ema["num_updates"],
@@ -185,8 +216,9 @@ class Trainer:
                 e = mstate["ema"]
                 self.ema.load_state_dict({"decay": e["decay"], "num_updates": e["num_updates"],
                                           "shadow": {by_canonical[k]: v for k, v in e["shadow"].items()}})
-        ostate = ckpt.load_file(path / self.layout.optim_file())
-        self.engine.load_state_dict(ostate["engine"])
+        # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own from them
+        ostates = [ckpt.load_file(path / self.layout.optim_file(r)) for r in range(self.dp)]
+        self.engine.load_state_dict([o["engine"] for o in ostates])
         ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
         self.step = meta["step"]
         self.skipped_steps = meta.get("skipped_steps", 0)

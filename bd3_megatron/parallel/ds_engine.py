@@ -1,0 +1,140 @@
+"""DeepSpeed ZeRO as the optimizer engine around a megatron-core model.
+
+Two ways a step runs, chosen by the layout (both proven on CPU/gloo, see DESIGN.md §3):
+  * pp == 1: DeepSpeed drives micro-batching (``gradient_accumulation_steps`` = micro-batches per step); each
+    micro-batch's loss goes through ``engine.backward``; ZeRO stage 0, 1, 2 or 3.
+  * pp > 1: megatron-core's pipeline schedule runs forward/backward over all micro-batches on ``engine.module``,
+    then ``engine.allreduce_gradients()`` + ``engine.step()`` with ``gradient_accumulation_steps`` = 1; ZeRO-1
+    (ZeRO-2's per-micro-batch reduction hooks conflict with a schedule that accumulates on its own).
+The optimizer is a torch AdamW handed to DeepSpeed (fused on CUDA), so no DeepSpeed op is JIT-compiled.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+from bd3_megatron.config import Config
+from bd3_megatron.parallel.mpu import MegatronMPU
+from bd3_megatron.parallel.state import ParallelContext
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op (~80 s) at its first init on CPU; gloo does not need it."""
+    import deepspeed.comm.torch  # noqa: F401  (the module object, not the torch it re-exports)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def global_grad_norm(model: torch.nn.Module) -> float:
+    """L2 norm of the whole model's gradient across tensor- and pipeline-parallel ranks (data-parallel replicas
+    hold identical, already-averaged gradients). Tensor-parallel shards count on every TP rank, replicated tensors
+    on TP rank 0 only."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    sq = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            sq += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return float(sq.sqrt())
+
+
+def deepspeed_config(cfg: Config, ctx: ParallelContext, dp: int, micro_batches: int, bf16: bool) -> dict:
+    t, o = cfg.train, cfg.optim
+    gas = micro_batches if ctx.pp == 1 else 1
+    conf = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": t.micro_batch_size * gas * dp,
+        # ZeRO clips with a TP/PP-aware global norm; for stage 0 the engine clips itself (DeepSpeed's stage-0 norm
+        # would count pipeline-replicated tensors only on the first stage)
+        "gradient_clipping": o.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallel.zero_stage > 0:
+        conf["zero_optimization"].update(reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+    return conf
+
+
+class DeepSpeedEngine:
+    """Same interface as the loop expects: begin_step / backward / step / state_dict."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, ctx: ParallelContext, dp: int, micro_batches: int,
+                 bf16: bool):
+        import deepspeed
+
+        if not ctx.runtime.is_cuda:
+            _skip_cpu_shm_build()
+        o = cfg.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                      **({"fused": True} if ctx.runtime.is_cuda else {}))
+        deepspeed.init_distributed(dist_backend=ctx.runtime.backend, auto_mpi_discovery=False)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx, dp, micro_batches, bf16),
+            mpu=MegatronMPU, dist_init_required=False)
+        self.zero_stage = cfg.parallel.zero_stage
+        self.grad_clip = o.grad_clip
+        self.pipeline = ctx.pp > 1
+        self.micro_batches = micro_batches
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """pp == 1 path: one micro-batch's loss (DeepSpeed divides by the accumulation steps). DeepSpeed counts
+        micro-batches through ``engine.step()``: called here for all but the last; :meth:`step` applies the update."""
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self) -> tuple[float, bool]:
+        """Apply the step after all micro-batches. Returns (global grad norm, applied). A non-finite gradient skips
+        the update: ZeRO>=1 does that itself; for stage 0 the gradients are dropped before the optimizer sees them."""
+        if self.pipeline:
+            self.engine.allreduce_gradients()
+        if self.zero_stage == 0:
+            norm = global_grad_norm(self.engine.module)
+            if not math.isfinite(norm):
+                self.engine.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
+                self.engine.step()
+                return norm, False
+            if self.grad_clip > 0 and norm > self.grad_clip:
+                for p in self.engine.module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.grad_clip / (norm + 1e-6))
+            self.engine.step()
+            return norm, True
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, math.isfinite(norm)
+
+    # --------------------------------------------------------------- checkpoint state (this rank's shard)
+    def state_dict(self) -> dict:
+        return {"optimizer": self.engine.optimizer.state_dict(), "global_steps": self.engine.global_steps,
+                "global_samples": self.engine.global_samples}
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        """``states``: the saved engine states of every data-parallel rank of this (tp, pp) position, in dp order."""
+        state = states[self.engine.mpu.get_data_parallel_rank()] if self.engine.mpu else states[0]
+        if self.zero_stage > 0:
+            self.engine.optimizer.load_state_dict([s["optimizer"] for s in states], load_optimizer_states=True,
+                                                  load_from_fp32_weights=True)
+        else:
+            self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.engine.global_steps = state["global_steps"]
+        self.engine.global_samples = state["global_samples"]
