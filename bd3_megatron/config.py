@@ -70,7 +70,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 8
     eval_interval: int = 100  # optimizer steps between validations (0 = only at the end)
-    eval_batches: int = 8  # validation micro-batches per evaluation (0 = the whole split)
+    eval_batches: int = 8  # evaluate the first eval_batches x micro_batch_size validation rows (0 = all)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
 

@@ -6,10 +6,13 @@ broken collective fails one test instead of hanging CI.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
 import traceback
+
+import torch
 
 _CTX = None
 
@@ -33,7 +36,10 @@ def _entry(fn, rank, world, port, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     try:
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # tensors go through the queue as bytes: torch's fd-sharing pickles would need this process alive
+        buf = io.BytesIO()
+        torch.save(fn(rank, world, *args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report everything, including SystemExit, to the parent
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -51,7 +57,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 180.0) -> list:
         for _ in range(world):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=True)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break

@@ -1,67 +1,111 @@
 """The BD3 attention mask, from one ``mask_mod``.
 
 Layout: x_t ⊕ x0, length 2L (noisy half [0, L), clean half [L, 2L)), blocks of L' tokens. For query q and key k:
-  M_BD : same block, same half        (bidirectional inside a block)
+  M_BD : same block, same half               (bidirectional inside a block)
   M_OBC: noisy q, clean k, blk(k) < blk(q)   (a noisy block reads the clean blocks before it)
   M_BC : clean q, clean k, blk(k) <= blk(q)  (the clean stream is block-causal)
-The dense mask, the FlexAttention BlockMask and the sampler's clean-stream mask are all evaluated from
+The dense mask, the FlexAttention BlockMask, the sampler's clean-stream mask and the density are all evaluated from
 :func:`make_mask_mod`, so they cannot drift apart.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
+
+MaskMod = Callable[..., torch.Tensor]
 
 
 def _check(seq_len: int, block_size: int) -> None:
     if seq_len < 1 or block_size < 1:
-        raise ValueError(f"seq_len and block_size must be >= 1, got {seq_len}, {block_size}")
+        raise ValueError(f"seq_len and block_size must be >= 1, got seq_len={seq_len}, block_size={block_size}")
     if seq_len % block_size:
-        raise ValueError(f"seq_len ({seq_len}) must be divisible by block_size ({block_size})")
+        raise ValueError(f"seq_len ({seq_len}) must be divisible by block_size ({block_size}); "
+                         "pick a block size that divides the sequence length")
 
 
-def make_mask_mod(seq_len: int, block_size: int):
-    """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` over [0, 2L) written with tensor ops only (flex-compatible)."""
+def _device_key(device: torch.device | str | None) -> str:
+    """A cache key naming one concrete device ('cuda' resolves to the current CUDA device)."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def make_mask_mod(seq_len: int, block_size: int) -> MaskMod:
+    """``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` over [0, 2L).
+
+    Written with tensor ops only (no Python branching on values), so FlexAttention can trace it and plain
+    broadcasting can evaluate it on index grids.
+    """
     _check(seq_len, block_size)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_clean = q_idx >= seq_len
         k_clean = kv_idx >= seq_len
-        q_blk = (q_idx - q_clean * seq_len) // block_size
+        q_blk = (q_idx - q_clean * seq_len) // block_size  # (i mod L) // L' without a modulo
         k_blk = (kv_idx - k_clean * seq_len) // block_size
-        diagonal = (q_blk == k_blk) & (q_clean == k_clean)
-        offset_causal = ~q_clean & k_clean & (k_blk < q_blk)
-        causal = q_clean & k_clean & (k_blk <= q_blk)
+        diagonal = (q_blk == k_blk) & (q_clean == k_clean)  # M_BD
+        offset_causal = ~q_clean & k_clean & (k_blk < q_blk)  # M_OBC
+        causal = q_clean & k_clean & (k_blk <= q_blk)  # M_BC
         return diagonal | offset_causal | causal
 
     return mask_mod
 
 
+def _evaluate(mask_mod: MaskMod, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return mask_mod(None, None, rows[:, None], cols[None, :])
+
+
 @functools.lru_cache(maxsize=64)
 def _dense(seq_len: int, block_size: int, device: str) -> torch.Tensor:
     idx = torch.arange(2 * seq_len, device=device)
-    return make_mask_mod(seq_len, block_size)(None, None, idx[:, None], idx[None, :])
+    return _evaluate(make_mask_mod(seq_len, block_size), idx, idx)
+
+
+@functools.lru_cache(maxsize=64)
+def _clean(seq_len: int, block_size: int, device: str) -> torch.Tensor:
+    idx = torch.arange(seq_len, 2 * seq_len, device=device)
+    return _evaluate(make_mask_mod(seq_len, block_size), idx, idx)
 
 
 def bd3_mask(seq_len: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Dense [2L, 2L] bool mask, True where the query may attend the key. Cached: do not modify it."""
+    """Dense [2L, 2L] bool mask, True where the query may attend the key.
+
+    Cached per (seq_len, block_size, device) because the model asks for it every step: callers must not modify it.
+    """
     _check(seq_len, block_size)
-    return _dense(seq_len, block_size, str(torch.device(device or "cpu")))
+    return _dense(seq_len, block_size, _device_key(device))
 
 
 def block_causal_mask(seq_len: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """[L, L] mask of the clean stream alone (key block <= query block): the clean half's slice of the BD3 mask."""
-    return bd3_mask(seq_len, block_size, device)[seq_len:, seq_len:]
+    """[L, L] mask of the clean stream alone (key block <= query block), for the sampler and naive references.
+
+    It is mask_mod's clean-half slice [L:, L:], evaluated directly (contiguous, cached; do not modify it).
+    """
+    _check(seq_len, block_size)
+    return _clean(seq_len, block_size, _device_key(device))
 
 
-def mask_density(seq_len: int, block_size: int) -> float:
-    return bd3_mask(seq_len, block_size).float().mean().item()
+def mask_density(seq_len: int, block_size: int, chunk_rows: int = 1024) -> float:
+    """Fraction of the 2L x 2L grid the mask allows (about 1/4 for small blocks: (B + 1) / 4B with B blocks).
+
+    Counted row chunk by row chunk from mask_mod, so it neither allocates nor caches a huge dense mask.
+    """
+    _check(seq_len, block_size)
+    n = 2 * seq_len
+    mod = make_mask_mod(seq_len, block_size)
+    cols = torch.arange(n)
+    allowed = sum(int(_evaluate(mod, torch.arange(r, min(r + chunk_rows, n)), cols).sum())
+                  for r in range(0, n, chunk_rows))
+    return allowed / (n * n)
 
 
 def flex_available() -> bool:
+    """Whether this torch ships FlexAttention (torch.nn.attention.flex_attention)."""
     try:
-        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
@@ -77,26 +121,41 @@ def _flex(seq_len: int, block_size: int, device: str, tile: int):
 
 
 def flex_block_mask(seq_len: int, block_size: int, device: torch.device | str, block_tile: int = 128):
-    """FlexAttention BlockMask of the BD3 mask (tiles fully inside the mask skip mask_mod; empty tiles are skipped)."""
+    """FlexAttention BlockMask of the BD3 mask, cached per (seq_len, block_size, device, tile).
+
+    Tiles of ``block_tile`` x ``block_tile`` entirely inside the mask are marked full (mask_mod skipped), tiles
+    entirely outside are skipped, and the rest apply mask_mod element by element.
+    """
     _check(seq_len, block_size)
-    return _flex(seq_len, block_size, str(torch.device(device)), block_tile)
+    if block_tile < 1:
+        raise ValueError(f"block_tile must be >= 1, got {block_tile}")
+    if not flex_available():
+        raise ValueError("FlexAttention is not available in this torch build; use the dense mask (attention "
+                         "backend 'sdpa') instead")
+    return _flex(seq_len, block_size, _device_key(device), block_tile)
 
 
-def effective_dense(block_mask, mask_mod, n: int) -> torch.Tensor:
-    """What a BlockMask lets through, element by element: full tiles pass entirely, partial tiles apply
-    ``mask_mod``, absent tiles block. (``BlockMask.to_dense()`` alone is tile-granular.)"""
-    tiles = block_mask.to_dense()[0, 0].bool()  # [q_tiles, kv_tiles], partial or full
+def effective_dense(block_mask, mask_mod: MaskMod | None = None, n: int | None = None) -> torch.Tensor:
+    """What a BlockMask lets through, element by element, as a dense [n, n] bool tensor (batch 0, head 0).
+
+    Full tiles pass entirely, partial tiles apply ``mask_mod``, absent tiles block. ``BlockMask.to_dense()`` alone is
+    tile-granular, which is how a correct BlockMask can look "wrong" (bd3lms issue #23).
+    """
+    mask_mod = mask_mod if mask_mod is not None else block_mask.mask_mod
+    n = n if n is not None else block_mask.seq_lengths[0]
     q_tile, kv_tile = block_mask.BLOCK_SIZE
-    full = torch.zeros_like(tiles)
+    partial = block_mask.kv_indices[0, 0]  # [q_tiles, max_kv]
+    tiles_q, width = partial.shape
+
+    def tile_grid(num: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        valid = (torch.arange(indices.shape[-1], device=indices.device) < num[:, None]).long()
+        grid = torch.zeros(tiles_q, width, dtype=torch.long, device=indices.device)
+        return grid.scatter_add_(1, indices.long(), valid) > 0  # scatter_add: repeated padding indices are harmless
+
+    present = tile_grid(block_mask.kv_num_blocks[0, 0], partial)
+    full = torch.zeros_like(present)
     if block_mask.full_kv_num_blocks is not None:
-        counts = block_mask.full_kv_num_blocks[0, 0]
-        idx = block_mask.full_kv_indices[0, 0]
-        for qt in range(tiles.shape[0]):
-            full[qt, idx[qt, : counts[qt]]] = True
-    idx = torch.arange(n)
-    elem = mask_mod(None, None, idx[:, None], idx[None, :])
-    tile_of_q = (idx // q_tile)[:, None]
-    tile_of_k = (idx // kv_tile)[None, :]
-    present = tiles[tile_of_q, tile_of_k]
-    is_full = full[tile_of_q, tile_of_k]
-    return is_full | (present & elem)
+        full = tile_grid(block_mask.full_kv_num_blocks[0, 0], block_mask.full_kv_indices[0, 0])
+    idx = torch.arange(n, device=partial.device)
+    tq, tk = (idx // q_tile)[:, None], (idx // kv_tile)[None, :]
+    return full[tq, tk] | (present[tq, tk] & _evaluate(mask_mod, idx, idx))

@@ -31,7 +31,7 @@ def loss_from_token_ce(batch: MicroBatch, ce: torch.Tensor):
     """megatron schedule loss_func: NELBO averaged over all tokens of the micro-batch (reference convention)."""
     weighted = ce * batch.weight
     loss = weighted.sum() / weighted.numel()
-    return loss, {"loss": loss.detach(), "weighted_sum": weighted.detach().sum(),
+    return loss, {"loss": loss.detach().clone(), "weighted_sum": weighted.detach().sum(),
                   "tokens": torch.tensor(float(weighted.numel())), "masked": batch.masked.float().sum()}
 
 
@@ -136,9 +136,10 @@ class Trainer:
         t = self.cfg.train
         mb, n_rows = t.micro_batch_size, len(self.val_rows)
         per_pass = mb * self.dp
-        n_batches = n_rows // per_pass
-        if t.eval_batches:
-            n_batches = min(n_batches, t.eval_batches)
+        # The evaluated rows are the first R of the split, R independent of the layout (up to rounding to whole
+        # passes), so every TP/PP/DP layout reports the same number.
+        rows = min(n_rows, t.eval_batches * mb) if t.eval_batches else n_rows
+        n_batches = rows // per_pass
         if n_batches == 0:
             raise ValueError(f"validation split has {n_rows} rows, fewer than one batch of {per_pass}; raise "
                              f"data.val_docs or lower train.micro_batch_size")

