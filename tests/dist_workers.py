@@ -71,3 +71,43 @@ def merge_full_weights(results: list[dict], vocab_size: int = 30522) -> dict[str
         if name in VOCAB_TENSORS:
             full[name] = full[name][:vocab_size]
     return full
+
+
+def save_then_continue(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
+    """Train 2 steps, checkpoint, train 2 more (the uninterrupted reference for resume)."""
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer
+
+    cfg = make_config(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
+                                                           "optim.ema=0.99"])
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        for _ in range(2):
+            trainer.train_step()
+        trainer.save()
+        after = [trainer.train_step() for _ in range(2)]
+        return {"losses": [r["loss"] for r in after], "norms": [r["grad_norm"] for r in after],
+                "last_stage": ctx.is_last_stage, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank,
+                "params": gather_weights(trainer)["params"]}
+    finally:
+        state.shutdown()
+
+
+def resume_and_continue(rank: int, world: int, layout, cache_dir: str, run_dir: str, extra=None) -> dict:
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer
+
+    cfg = make_config(layout, cache_dir, run_dir + "/log2", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
+                                                            "optim.ema=0.99", *(extra or [])])
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        trainer.maybe_resume()
+        step = trainer.step
+        after = [trainer.train_step() for _ in range(2)]
+        return {"step": step, "losses": [r["loss"] for r in after], "norms": [r["grad_norm"] for r in after],
+                "last_stage": ctx.is_last_stage, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank,
+                "params": gather_weights(trainer)["params"]}
+    finally:
+        state.shutdown()

@@ -21,6 +21,15 @@ from bd3_megatron.parallel.mpu import MegatronMPU
 from bd3_megatron.parallel.state import ParallelContext
 
 
+def optimizer_state_classes() -> list:
+    """Plain data classes inside a ZeRO optimizer state_dict, allowed when loading it with weights_only=True."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed JIT-compiles a shared-memory comm op (~80 s) at its first init on CPU; gloo does not need it."""
     import deepspeed.comm.torch  # noqa: F401  (the module object, not the torch it re-exports)

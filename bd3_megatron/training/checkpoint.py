@@ -198,9 +198,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_file(path: Path) -> Any:
+def load_file(path: Path, safe_globals: list | None = None) -> Any:
+    """torch.load with ``weights_only=True``; ``safe_globals`` names the few plain classes (e.g. DeepSpeed's
+    optimizer bookkeeping) a file may contain besides tensors and containers."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(safe_globals or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for damaged zip/pickle data
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 

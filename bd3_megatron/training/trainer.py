@@ -13,7 +13,7 @@ from bd3_megatron.diffusion.schedule import ClipWindow
 from bd3_megatron.model.bd3_model import canonical_parameter_names
 from bd3_megatron.model.build import build_model, precision_dtype
 from bd3_megatron.parallel.device import device_redirect
-from bd3_megatron.parallel.ds_engine import DeepSpeedEngine
+from bd3_megatron.parallel.ds_engine import DeepSpeedEngine, optimizer_state_classes
 from bd3_megatron.parallel.state import ParallelContext
 from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
@@ -218,7 +218,7 @@ class Trainer:
                 self.ema.load_state_dict({"decay": e["decay"], "num_updates": e["num_updates"],
                                           "shadow": {by_canonical[k]: v for k, v in e["shadow"].items()}})
         # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own from them
-        ostates = [ckpt.load_file(path / self.layout.optim_file(r)) for r in range(self.dp)]
+        ostates = [ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes()) for r in range(self.dp)]
         self.engine.load_state_dict([o["engine"] for o in ostates])
         ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
         self.step = meta["step"]
