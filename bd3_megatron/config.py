@@ -102,6 +102,9 @@ class CheckpointConfig:
     interval: int = 500  # optimizer steps between checkpoints (0 = only at the end)
     resume: str = "auto"  # auto (newest complete checkpoint in dir, if any) | none | a checkpoint directory
     keep: int = 3  # newest checkpoints kept (0 keeps all)
+    # Resuming from a checkpoint of another TP/PP/DP layout: load the weights and EMA resharded to this layout and
+    # start a fresh optimizer state (Adam moments are not resharded). Off: a layout mismatch is an error.
+    reshard: bool = False
 
 
 @dataclass

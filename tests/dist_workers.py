@@ -111,3 +111,34 @@ def resume_and_continue(rank: int, world: int, layout, cache_dir: str, run_dir: 
                 "params": gather_weights(trainer)["params"]}
     finally:
         state.shutdown()
+
+
+def save_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer
+
+    cfg = make_config(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9"])
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        for _ in range(2):
+            trainer.train_step()
+        trainer.save()
+        return {"val": trainer.evaluate(), "last_stage": ctx.is_last_stage}
+    finally:
+        state.shutdown()
+
+
+def reshard_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer
+
+    cfg = make_config(layout, cache_dir, run_dir + "/log3", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9",
+                                                            "checkpoint.reshard=true"])
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    try:
+        trainer = Trainer(cfg, ctx)
+        trainer.maybe_resume()
+        return {"val": trainer.evaluate(), "last_stage": ctx.is_last_stage, "step": trainer.step}
+    finally:
+        state.shutdown()

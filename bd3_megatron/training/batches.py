@@ -13,6 +13,7 @@ import torch
 
 from bd3_megatron.config import Config
 from bd3_megatron.diffusion import noise
+from bd3_megatron.diffusion.loss import token_nelbo
 from bd3_megatron.diffusion.schedule import ClipWindow, get_schedule
 
 
@@ -52,5 +53,6 @@ class BatchMaker:
                           global_batch_size=global_batch or self.cfg.train.global_batch_size,
                           antithetic=d.antithetic, resample=d.resample and window is None, ignore_bos=d.ignore_bos,
                           **({"max_tries": d.resample_tries} if d.resample and window is None else {}))
-        weight = torch.where(c.masked, self.schedule.loss_weight(c.t_tokens), torch.zeros_like(c.t_tokens))
+        # per-token NELBO weight: the SUBS NELBO of a unit cross-entropy at every token
+        weight = token_nelbo(torch.ones_like(c.t_tokens), c.masked, c.t_tokens, self.schedule)
         return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), sample_index=sample_index)

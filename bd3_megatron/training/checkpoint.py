@@ -208,10 +208,80 @@ def load_file(path: Path, safe_globals: list | None = None) -> Any:
         raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
+def layout_matches(meta: dict[str, Any], layout: Layout) -> bool:
+    saved = meta["layout"]
+    return (saved["tp"], saved["pp"], saved["dp"]) == (layout.tp, layout.pp, layout.dp)
+
+
+def _merge_tp(shards: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+    return shards[0] if dim is None else torch.cat(shards, dim=dim)
+
+
+def load_full_weights(path: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Every model file of a checkpoint merged into full (unsharded) canonical tensors, for weights and EMA."""
+    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    shards: dict[str, list] = {}
+    ema_shards: dict[str, list] = {}
+    partition: dict[str, int | None] = {}
+    ema_meta = None
+    for p_rank in range(pp):
+        for t_rank in range(tp):
+            state = load_file(path / f"model_tp{t_rank:02d}_pp{p_rank:02d}.pt")
+            partition.update(state["tp_partition"])
+            for name, t in state["model"].items():
+                shards.setdefault(name, []).append(t)
+            if "ema" in state:
+                ema_meta = {"decay": state["ema"]["decay"], "num_updates": state["ema"]["num_updates"]}
+                for name, t in state["ema"]["shadow"].items():
+                    ema_shards.setdefault(name, []).append(t)
+    full = {n: _merge_tp(s, partition[n]) for n, s in shards.items()}
+    ema = None
+    if ema_meta is not None:
+        ema = dict(ema_meta, shadow={n: _merge_tp(s, partition[n]) for n, s in ema_shards.items()})
+    return full, ema
+
+
+def shard_for_rank(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a full tensor for ``param``. Vocabulary padding (rows beyond the real vocabulary, whose
+    count depends on tp) is truncated or kept from ``param``'s own initial values."""
+    from megatron.core import parallel_state as ps
+
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if dim is None:
+        if full.shape != param.shape:
+            raise CheckpointError(f"checkpoint tensor of shape {tuple(full.shape)} does not fit {tuple(param.shape)}")
+        return full
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    want = param.shape[dim] * tp
+    if full.shape[dim] != want:  # padded vocabulary: different tp => different padding
+        if dim != 0:
+            raise CheckpointError(f"checkpoint tensor of shape {tuple(full.shape)} cannot be resharded to "
+                                  f"{tp} x {tuple(param.shape)}")
+        rows = min(full.shape[0], want)
+        padded = torch.zeros((want, *full.shape[1:]), dtype=full.dtype)
+        padded[:rows] = full[:rows]
+        full = padded
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def load_resharded(path: Path, meta: dict[str, Any], named: dict[str, torch.Tensor],
+                   canonical: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Weights (and EMA) of a checkpoint of any TP/PP layout, sliced for this rank's parameters."""
+    full, ema = load_full_weights(path, meta)
+    mine = {canonical[n]: p for n, p in named.items()}
+    missing = set(mine) - set(full)
+    if missing:
+        raise CheckpointError(f"{path} lacks tensors this model needs: {sorted(missing)[:4]}")
+    weights = {c: shard_for_rank(full[c], p) for c, p in mine.items()}
+    if ema is not None:
+        ema = dict(ema, shadow={c: shard_for_rank(ema["shadow"][c], p) for c, p in mine.items()})
+    return weights, ema
+
+
 def check_layout(meta: dict[str, Any], layout: Layout, path: Path) -> None:
     saved = meta["layout"]
     if (saved["tp"], saved["pp"], saved["dp"]) != (layout.tp, layout.pp, layout.dp):
         raise CheckpointError(
             f"{path} was saved with tp={saved['tp']} pp={saved['pp']} dp={saved['dp']} but this run is "
-            f"tp={layout.tp} pp={layout.pp} dp={layout.dp}; resume with the same layout (tools/convert.py exports "
-            f"layout-free weights)")
+            f"tp={layout.tp} pp={layout.pp} dp={layout.dp}; resume with the same layout, or set "
+            f"checkpoint.reshard=true to load the weights resharded with a fresh optimizer state")

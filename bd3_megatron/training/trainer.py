@@ -199,31 +199,41 @@ class Trainer:
         if path is None:
             return
         meta = ckpt.read_metadata(path)
-        ckpt.check_layout(meta, self.layout, path)
         saved_cfg = meta["config"]
         for section, key in (("model", "seq_len"), ("model", "block_size"), ("model", "num_layers"),
-                             ("model", "hidden_size"), ("data", "tokenizer"), ("train", "global_batch_size")):
+                             ("model", "hidden_size"), ("model", "num_heads"), ("data", "tokenizer"),
+                             ("train", "global_batch_size")):
             if saved_cfg[section][key] != getattr(getattr(self.cfg, section), key):
                 raise ckpt.CheckpointError(f"{path} has {section}.{key}={saved_cfg[section][key]} but this run has "
                                            f"{getattr(getattr(self.cfg, section), key)}; resume with the same value")
-        mstate = ckpt.load_file(path / self.layout.model_file())
+        same_layout = ckpt.layout_matches(meta, self.layout)
+        if not same_layout and not c.reshard:
+            ckpt.check_layout(meta, self.layout, path)  # raises with the explanation
         by_canonical = {self.canonical[n]: n for n in self.named}
-        if set(mstate["model"]) != set(by_canonical):
-            raise ckpt.CheckpointError(f"{path}: model tensors do not match this model")
+        if same_layout:
+            mstate = ckpt.load_file(path / self.layout.model_file())
+            weights, ema = mstate["model"], mstate.get("ema")
+        else:
+            weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
+        if set(weights) != set(by_canonical):
+            raise ckpt.CheckpointError(f"{path}: model tensors do not match this model "
+                                       f"(differing: {sorted(set(weights) ^ set(by_canonical))[:4]})")
         with torch.no_grad():
-            for cname, tensor in mstate["model"].items():
+            for cname, tensor in weights.items():
                 self.named[by_canonical[cname]].copy_(tensor)
-            if self.ema is not None and "ema" in mstate:
-                e = mstate["ema"]
-                self.ema.load_state_dict({"decay": e["decay"], "num_updates": e["num_updates"],
-                                          "shadow": {by_canonical[k]: v for k, v in e["shadow"].items()}})
-        # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own from them
-        ostates = [ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes()) for r in range(self.dp)]
-        self.engine.load_state_dict([o["engine"] for o in ostates])
-        ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
+            if self.ema is not None and ema is not None:
+                self.ema.load_state_dict({"decay": ema["decay"], "num_updates": ema["num_updates"],
+                                          "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()}})
+        if same_layout:
+            # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own
+            ostates = [ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes())
+                       for r in range(self.dp)]
+            self.engine.load_state_dict([o["engine"] for o in ostates])
+            ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
         self.step = meta["step"]
         self.skipped_steps = meta.get("skipped_steps", 0)
-        self.logger.info(f"resumed from {path} at step {self.step}")
+        how = "" if same_layout else f" (weights resharded from layout {meta['layout']}, fresh optimizer state)"
+        self.logger.info(f"resumed from {path} at step {self.step}{how}")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:

@@ -1,0 +1,400 @@
+"""The single-device sampler checkpoint: ``model.safetensors`` + ``config.json``, readable with torch alone.
+
+Two layouts are read and written:
+
+* ``native`` — the training checkpoint's canonical tensor names (global layer indices, TP shards merged, vocabulary
+  padding dropped) and a config.json with ``"format": "bd3-megatron-sampler"``: model sizes, block size, vocabulary,
+  mask id, tokenizer name, clip window, where the weights came from.
+* ``hf`` — the reference ``BD3LM`` Hugging Face layout (bd3lms ``models/hf``; spec §8), so weights move both ways
+  between this project and users of the published bd3lms checkpoints. The reference block is adaLN-modulated
+  with sigma ≡ 0, i.e. a constant modulation; our LayerNorm(w, b) maps exactly to norm weight w, adaLN bias
+  (shift b, scale 0, gate 1) and a zero adaLN weight; MLP and head biases are zero. Importing refuses every tensor
+  that has no exact counterpart here (non-zero adaLN weights or MLP biases, time conditioning, ...).
+
+Nothing here executes code from a file: safetensors and JSON only (a ``pytorch_model.bin`` is read with
+``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bd3_megatron.sampling.net import NetConfig, expected_shapes
+
+FORMAT = "bd3-megatron-sampler"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+HF_COND_DIM = 128  # cond_dim of the published bd3lms models; irrelevant here since the adaLN weights are zero
+HF_TIMESTEP_DIM = 256  # the reference TimestepEmbedder's sinusoid width
+# The reference's vocabulary conventions (spec §3): vocab size -> (tokenizer, mask id)
+HF_KNOWN_VOCABS = {50258: ("gpt2", 50257), 30522: ("bert-base-uncased", 103)}
+
+
+@dataclass
+class SamplerCheckpoint:
+    """Weights (native names, fp32) + the model config + descriptive metadata (tokenizer, clip window, source)."""
+
+    config: NetConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: str | None = None
+    clip_window: tuple[float, float] = (1e-3, 1.0)
+    source: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what an import ignored and why (printed by convert)
+
+    def config_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.config.to_dict(),
+                "tokenizer": self.tokenizer,
+                "clip_window": {"eps_min": self.clip_window[0], "eps_max": self.clip_window[1]},
+                "source": self.source}
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    st = folder / WEIGHTS_FILE
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"cannot read {st} ({exc}); the file is truncated or not a safetensors file") from None
+    binf = folder / "pytorch_model.bin"
+    if binf.is_file():
+        try:
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for damaged zip/pickle data
+            raise ValueError(f"cannot read {binf} ({type(exc).__name__}: {exc}); the file is damaged") from None
+    raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}; pass a folder written by tools/convert.py or an "
+                            f"HF bd3lm folder")
+
+
+def write_folder(out: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+    """Write config.json + model.safetensors into a new folder, published by rename (never over a non-empty one)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output {out} already exists and is not empty; choose a new folder (nothing is "
+                         f"overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out)  # an existing empty folder is replaced atomically too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def detect_format(folder: str | Path) -> str:
+    """``native`` or ``hf`` for a sampler folder; raises for anything else (with what it is instead)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    cfg_file = folder / CONFIG_FILE
+    if not cfg_file.is_file():
+        if (folder / "latest").exists() or (folder / "metadata.json").exists():
+            raise ValueError(f"{folder} is a training checkpoint; convert it first: python tools/convert.py "
+                             f"--input {folder} --output DIR")
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; pass a folder written by tools/convert.py")
+    cfg = _read_json(cfg_file)
+    if cfg.get("format") == FORMAT:
+        return "native"
+    if cfg.get("model_type") == "bd3lm":
+        return "hf"
+    raise ValueError(f"{cfg_file} is neither a bd3-megatron sampler config (format={FORMAT!r}) nor a Hugging Face "
+                     f"bd3lm config (model_type='bd3lm')")
+
+
+def save_native(ckpt: SamplerCheckpoint, out: str | Path) -> Path:
+    check_state(ckpt.config, ckpt.state)
+    return write_folder(out, ckpt.config_json(), ckpt.state)
+
+
+def load_native(folder: str | Path) -> SamplerCheckpoint:
+    folder = Path(folder)
+    cfg = _read_json(folder / CONFIG_FILE)
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG_FILE} is not a {FORMAT} config")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder} has sampler format version {cfg.get('format_version')}, this code reads "
+                         f"{FORMAT_VERSION}")
+    net_cfg = NetConfig.from_dict(cfg["model"])
+    state = _read_weights(folder)
+    check_state(net_cfg, state)
+    win = cfg.get("clip_window") or {}
+    return SamplerCheckpoint(net_cfg, state, tokenizer=cfg.get("tokenizer"),
+                             clip_window=(float(win.get("eps_min", 1e-3)), float(win.get("eps_max", 1.0))),
+                             source=cfg.get("source", {}))
+
+
+def load_checkpoint(folder: str | Path) -> SamplerCheckpoint:
+    """A sampler checkpoint in either layout, as native weights."""
+    fmt = detect_format(folder)
+    return load_native(folder) if fmt == "native" else load_hf(folder)
+
+
+def save_checkpoint(ckpt: SamplerCheckpoint, out: str | Path, fmt: str = "native") -> Path:
+    if fmt == "native":
+        return save_native(ckpt, out)
+    if fmt == "hf":
+        return save_hf(ckpt, out)
+    raise ValueError(f"unknown format {fmt!r}; use native or hf")
+
+
+def check_state(cfg: NetConfig, state: dict[str, torch.Tensor]) -> None:
+    """Exactly the expected tensors with the expected shapes, all finite floating point."""
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing:
+        raise ValueError(f"weights lack {len(missing)} tensors (e.g. {missing[:3]}); the checkpoint is incomplete")
+    if extra:
+        raise ValueError(f"weights hold {len(extra)} tensors this model does not have (e.g. {extra[:3]})")
+    for name, shape in want.items():
+        t = state[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, the config implies {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} has dtype {t.dtype}, expected a floating point tensor")
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def checksum(t: torch.Tensor) -> str:
+    """First 12 hex digits of the SHA-256 of the tensor's bytes (layout-independent identity of a weight)."""
+    data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def summary_table(state: dict[str, torch.Tensor]) -> str:
+    """name | shape | dtype | params | checksum, one row per tensor plus a total."""
+    rows = [(n, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""), t.numel(), checksum(t))
+            for n, t in state.items()]
+    w = max([len(r[0]) for r in rows] + [4])
+    lines = [f"{'name':<{w}}  {'shape':>14}  {'dtype':>8}  {'params':>11}  checksum"]
+    lines += [f"{n:<{w}}  {s:>14}  {d:>8}  {p:>11,}  {c}" for n, s, d, p, c in rows]
+    lines.append(f"{'total':<{w}}  {'':>14}  {'':>8}  {sum(r[3] for r in rows):>11,}  "
+                 f"{len(rows)} tensors")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- HF (bd3lms) layout
+def _qkv_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """megatron rows per head [q_j | k_j | v_j] -> reference rows [all q | all k | all v] (head-major inside)."""
+    three_h, h = w.shape
+    return w.view(heads, 3, three_h // (3 * heads), h).transpose(0, 1).reshape(three_h, h)
+
+
+def _qkv_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
+    three_h, h = w.shape
+    return w.view(3, heads, three_h // (3 * heads), h).transpose(0, 1).reshape(three_h, h)
+
+
+def _hf_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+def hf_expected_shapes(n_layers: int, hidden: int, vocab: int, cond: int, adaln: bool = True,
+                       var_min: bool = True) -> dict[str, tuple[int, ...]]:
+    """The reference BD3LM state dict (spec §8) for these sizes."""
+    h, f = hidden, 4 * hidden
+    out: dict[str, tuple[int, ...]] = {"backbone.vocab_embed.embedding": (vocab, h)}
+    if adaln:
+        out.update({"backbone.sigma_map.mlp.0.weight": (cond, HF_TIMESTEP_DIM), "backbone.sigma_map.mlp.0.bias": (cond,),
+                    "backbone.sigma_map.mlp.2.weight": (cond, cond), "backbone.sigma_map.mlp.2.bias": (cond,)})
+    for i in range(n_layers):
+        p = f"backbone.blocks.{i}."
+        out.update({p + "norm1.weight": (h,), p + "attn_qkv.weight": (3 * h, h), p + "attn_out.weight": (h, h),
+                    p + "norm2.weight": (h,), p + "mlp.0.weight": (f, h), p + "mlp.0.bias": (f,),
+                    p + "mlp.2.weight": (h, f), p + "mlp.2.bias": (h,)})
+        if adaln:
+            out.update({p + "adaLN_modulation.weight": (6 * h, cond), p + "adaLN_modulation.bias": (6 * h,)})
+    out.update({"backbone.output_layer.norm_final.weight": (h,), "backbone.output_layer.linear.weight": (vocab, h),
+                "backbone.output_layer.linear.bias": (vocab,)})
+    if adaln:
+        out.update({"backbone.output_layer.adaLN_modulation.weight": (2 * h, cond),
+                    "backbone.output_layer.adaLN_modulation.bias": (2 * h,)})
+    if var_min:
+        out.update({"sampling_eps_min": (), "sampling_eps_max": ()})
+    return out
+
+
+def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json dict, state dict) in the reference BD3LM layout; exact (no arithmetic on any weight)."""
+    cfg, s = ckpt.config, ckpt.state
+    h, heads, cond = cfg.hidden_size, cfg.num_heads, HF_COND_DIM
+    if cfg.ffn_hidden_size != 4 * h:
+        raise ValueError(f"the reference BD3LM has a 4x MLP; this model has ffn_hidden_size {cfg.ffn_hidden_size} "
+                         f"for hidden {h}, so it has no HF bd3lm form (use --format native)")
+    if cfg.rope_base != 10000.0 or cfg.layernorm_eps != 1e-5:
+        raise ValueError("the reference BD3LM fixes rope base 10000 and LayerNorm eps 1e-5; this model differs "
+                         "(use --format native)")
+    f32 = dict(dtype=torch.float32)
+    zeros, ones = torch.zeros(h, **f32), torch.ones(h, **f32)
+    out: dict[str, torch.Tensor] = {
+        "backbone.vocab_embed.embedding": s["embedding.word_embeddings.weight"],
+        # sigma ≡ 0 and zero adaLN weights make the time embedding irrelevant; zeros keep it inert
+        "backbone.sigma_map.mlp.0.weight": torch.zeros(cond, HF_TIMESTEP_DIM, **f32),
+        "backbone.sigma_map.mlp.0.bias": torch.zeros(cond, **f32),
+        "backbone.sigma_map.mlp.2.weight": torch.zeros(cond, cond, **f32),
+        "backbone.sigma_map.mlp.2.bias": torch.zeros(cond, **f32),
+        "backbone.rotary_emb.inv_freq": _hf_inv_freq(cfg.head_dim),
+    }
+    for i in range(cfg.num_layers):
+        p, q = f"decoder.layers.{i}.", f"backbone.blocks.{i}."
+        ln1_b, ln2_b = s[p + "input_layernorm.bias"], s[p + "pre_mlp_layernorm.bias"]
+        out.update({
+            q + "norm1.weight": s[p + "input_layernorm.weight"],
+            q + "attn_qkv.weight": _qkv_to_hf(s[p + "self_attention.linear_qkv.weight"], heads),
+            q + "attn_out.weight": s[p + "self_attention.linear_proj.weight"],
+            q + "norm2.weight": s[p + "pre_mlp_layernorm.weight"],
+            q + "mlp.0.weight": s[p + "mlp.linear_fc1.weight"],
+            q + "mlp.0.bias": torch.zeros(cfg.ffn_hidden_size, **f32),
+            q + "mlp.2.weight": s[p + "mlp.linear_fc2.weight"],
+            q + "mlp.2.bias": torch.zeros(h, **f32),
+            q + "adaLN_modulation.weight": torch.zeros(6 * h, cond, **f32),
+            # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+            q + "adaLN_modulation.bias": torch.cat([ln1_b.float(), zeros, ones, ln2_b.float(), zeros, ones]),
+        })
+    out.update({
+        "backbone.output_layer.norm_final.weight": s["decoder.final_layernorm.weight"],
+        "backbone.output_layer.linear.weight": s["output_layer.weight"],
+        "backbone.output_layer.linear.bias": torch.zeros(cfg.vocab_size, **f32),
+        "backbone.output_layer.adaLN_modulation.weight": torch.zeros(2 * h, cond, **f32),
+        "backbone.output_layer.adaLN_modulation.bias": torch.cat([s["decoder.final_layernorm.bias"].float(), zeros]),
+        "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
+        "sampling_eps_max": torch.tensor(float(ckpt.clip_window[1]), **f32),
+    })
+    config = {
+        "model_type": "bd3lm", "architectures": ["BD3LM"], "return_dict": False,
+        "block_size": cfg.block_size, "vocab_size": cfg.vocab_size, "model_length": cfg.seq_len,
+        "cross_attn": True, "adaln": True, "attn_backend": "sdpa", "causal": False, "hidden_dim": h,
+        "cond_dim": cond, "n_blocks": cfg.num_layers, "n_heads": heads, "dropout": 0.1, "time_conditioning": False,
+        "var_min": True, "sampling_eps_min": float(ckpt.clip_window[0]), "sampling_eps_max": float(ckpt.clip_window[1]),
+        # read back by load_hf; the reference config ignores unknown keys
+        "bd3_megatron": {"mask_token_id": cfg.mask_token_id, "tokenizer": ckpt.tokenizer, "source": ckpt.source},
+    }
+    return config, out
+
+
+def save_hf(ckpt: SamplerCheckpoint, out: str | Path) -> Path:
+    check_state(ckpt.config, ckpt.state)
+    config, state = to_hf(ckpt)
+    return write_folder(out, config, state)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str = "the HF folder") -> SamplerCheckpoint:
+    """Native weights from the reference layout, or ValueError naming the first tensor/field with no exact
+    counterpart in this model."""
+    for key in ("vocab_size", "model_length", "block_size", "hidden_dim", "n_blocks", "n_heads"):
+        _require(key in config, f"{where}: config.json lacks '{key}'")
+    _require(config.get("cross_attn", True), f"{where}: cross_attn=false is an MDLM model, not BD3-LM")
+    _require(not config.get("causal", False), f"{where}: causal=true is the AR baseline, not BD3-LM")
+    _require(not config.get("time_conditioning", False),
+             f"{where}: time_conditioning=true makes the adaLN modulation depend on t; this model has none")
+    adaln = bool(config.get("adaln", True))
+    h, n, heads, vocab = (int(config[k]) for k in ("hidden_dim", "n_blocks", "n_heads", "vocab_size"))
+    cond = int(config.get("cond_dim", HF_COND_DIM))
+    want = hf_expected_shapes(n, h, vocab, cond, adaln=adaln, var_min=False)
+    want["backbone.rotary_emb.inv_freq"] = (h // heads // 2,)
+    optional = {"sampling_eps_min", "sampling_eps_max"}
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want) - optional)
+    _require(not missing, f"{where}: {len(missing)} tensors missing (e.g. {missing[:3]}); the folder is truncated "
+                          f"or not a BD3LM checkpoint")
+    _require(not extra, f"{where}: tensors with no counterpart in this model: {extra[:5]}")
+    for name, shape in want.items():
+        _require(tuple(state[name].shape) == shape,
+                 f"{where}: {name} has shape {tuple(state[name].shape)}, the config implies {shape}")
+    s = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    def zero(name: str, t: torch.Tensor | None = None) -> None:
+        t = s[name] if t is None else t
+        _require(not torch.any(t != 0), f"{where}: {name} is non-zero (max |x| = {t.abs().max().item():.3g}); this "
+                                        f"model has no such term, so the weights cannot be imported exactly")
+
+    def mod_chunks(name: str, k: int) -> list[torch.Tensor]:
+        if not adaln:  # plain weight-only LayerNorms: shift 0, scale 0, gate 1
+            identity = [torch.zeros(h), torch.zeros(h), torch.ones(h)]
+            return identity * 2 if k == 6 else identity[:2]
+        zero(name + ".weight")
+        return list(s[name + ".bias"].chunk(k))
+
+    _require(torch.allclose(s["backbone.rotary_emb.inv_freq"], _hf_inv_freq(h // heads), rtol=1e-6, atol=0),
+             f"{where}: backbone.rotary_emb.inv_freq is not the base-10000 table this model uses")
+    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}
+    for i in range(n):
+        q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod_chunks(q + "adaLN_modulation", 6)
+        for nm, t in ((q + "adaLN_modulation.bias[scale_msa]", scale1), (q + "adaLN_modulation.bias[scale_mlp]", scale2)):
+            zero(nm, t)
+        for nm, t in ((q + "adaLN_modulation.bias[gate_msa]", gate1), (q + "adaLN_modulation.bias[gate_mlp]", gate2)):
+            _require(bool(torch.all(t == 1)), f"{where}: {nm} is not all ones; a gated residual has no exact "
+                                              f"counterpart in this model")
+        zero(q + "mlp.0.bias")
+        zero(q + "mlp.2.bias")
+        out.update({
+            p + "input_layernorm.weight": s[q + "norm1.weight"], p + "input_layernorm.bias": shift1.clone(),
+            p + "self_attention.linear_qkv.weight": _qkv_from_hf(s[q + "attn_qkv.weight"], heads),
+            p + "self_attention.linear_proj.weight": s[q + "attn_out.weight"],
+            p + "pre_mlp_layernorm.weight": s[q + "norm2.weight"], p + "pre_mlp_layernorm.bias": shift2.clone(),
+            p + "mlp.linear_fc1.weight": s[q + "mlp.0.weight"], p + "mlp.linear_fc2.weight": s[q + "mlp.2.weight"],
+        })
+    shift, scale = mod_chunks("backbone.output_layer.adaLN_modulation", 2)
+    zero("backbone.output_layer.adaLN_modulation.bias[scale]", scale)
+    zero("backbone.output_layer.linear.bias")
+    out.update({"decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
+                "decoder.final_layernorm.bias": shift.clone(),
+                "output_layer.weight": s["backbone.output_layer.linear.weight"]})
+
+    extra_cfg = config.get("bd3_megatron") or {}
+    tokenizer = extra_cfg.get("tokenizer")
+    mask_id = extra_cfg.get("mask_token_id")
+    if mask_id is None:
+        _require(vocab in HF_KNOWN_VOCABS, f"{where}: vocab_size {vocab} matches neither reference vocabulary "
+                                           f"({', '.join(map(str, HF_KNOWN_VOCABS))}); the mask id is unknown")
+        tokenizer, mask_id = HF_KNOWN_VOCABS[vocab]
+    eps = (float(s["sampling_eps_min"]) if "sampling_eps_min" in s else float(config.get("sampling_eps_min", 1e-3)),
+           float(s["sampling_eps_max"]) if "sampling_eps_max" in s else float(config.get("sampling_eps_max", 1.0)))
+    net_cfg = NetConfig(num_layers=n, hidden_size=h, num_heads=heads, ffn_hidden_size=4 * h, vocab_size=vocab,
+                        mask_token_id=int(mask_id), seq_len=int(config["model_length"]),
+                        block_size=int(config["block_size"]))
+    notes = []
+    if adaln:
+        notes.append("ignored backbone.sigma_map.* (the time embedding: unused because every adaLN weight is zero "
+                     "and time_conditioning is false)")
+    source = dict(extra_cfg.get("source") or {}, imported_from="hf")
+    return SamplerCheckpoint(net_cfg, out, tokenizer=tokenizer, clip_window=eps, source=source, notes=notes)
+
+
+def load_hf(folder: str | Path) -> SamplerCheckpoint:
+    folder = Path(folder)
+    config = _read_json(folder / CONFIG_FILE)
+    return from_hf(config, _read_weights(folder), where=str(folder))
