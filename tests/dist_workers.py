@@ -142,3 +142,36 @@ def reshard_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str
         return {"val": trainer.evaluate(), "last_stage": ctx.is_last_stage, "step": trainer.step}
     finally:
         state.shutdown()
+
+
+def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
+    """Poison the loss of steps 1 and 2 (NaN activations from the head): they must be skipped, weights untouched,
+    then two more bad steps in a row stop training with TrainingStopped."""
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer, TrainingStopped
+
+    cfg = make_config(layout, cache_dir, run_dir + "/log", ["train.max_bad_steps=2", "train.max_steps=10"])
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    poison = {"on": False}
+    try:
+        trainer = Trainer(cfg, ctx)
+        if ctx.is_last_stage:
+            trainer.model.output_layer.register_forward_hook(
+                lambda mod, inp, out: (out[0] * float("nan"), out[1]) if poison["on"] else out)
+        trainer.train_step()
+        before = {n: p.detach().clone() for n, p in trainer.named.items()}
+        poison["on"] = True
+        rec = trainer.train_step()
+        unchanged = all(torch.equal(before[n], p) for n, p in trainer.named.items())
+        poison["on"] = False
+        good = trainer.train_step()
+        poison["on"] = True
+        stopped = ""
+        try:
+            trainer.train()
+        except TrainingStopped as exc:
+            stopped = str(exc)
+        return {"skipped": rec["skipped_steps"], "unchanged": unchanged, "good_loss": good["loss"],
+                "stopped": stopped, "last_stage": ctx.is_last_stage}
+    finally:
+        state.shutdown()

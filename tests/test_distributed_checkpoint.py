@@ -42,3 +42,14 @@ def test_weights_reshard_across_layouts(saved, loaded, data_cache, tmp_path):
     got = next(r for r in after if r["last_stage"])
     assert got["step"] == 2
     assert got["val"]["val_nelbo"] == pytest.approx(want["val_nelbo"], rel=1e-5)  # EMA weights resharded too
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 2, 1), (1, 2, 1, 0)], ids=["dp2_zero1", "pp2_zero0"])
+def test_non_finite_steps_are_skipped_then_training_stops(layout, data_cache, tmp_path):
+    from tests.dist_workers import nan_steps
+
+    for r in run_ranks(nan_steps, layout[0] * layout[1] * layout[2], layout, data_cache, str(tmp_path)):
+        assert r["skipped"] == 1 and r["unchanged"]
+        assert "consecutive non-finite steps" in r["stopped"]
+        if r["last_stage"]:
+            assert r["good_loss"] == r["good_loss"]  # finite again after the poisoned step

@@ -7,8 +7,8 @@ dict loads with ``load_state_dict(strict=True)``. Two entry points:
 
 * :meth:`BD3Net.bd3_logits` — the training-shaped forward over x_t ⊕ x0 with the BD3 mask (used by the uncached
   sampler and by the equivalence tests against the megatron model);
-* :meth:`BD3Net.run` — any token span at explicit positions, attending to cached post-rotary K/V plus itself
-  under an optional mask; returns the span's own K/V when asked (used by the KV-cache sampler).
+* :meth:`BD3Net.run` — any token span at explicit positions, attending to a :class:`KVCache` of post-rotary K/V
+  plus itself under an optional mask (used by the KV-cache sampler).
 """
 from __future__ import annotations
 
@@ -21,10 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bd3_megatron.diffusion.masks import bd3_mask
-
-# Per layer: (K, V), each [b, heads, T, head_dim], post-rotary K.
-LayerKV = tuple[torch.Tensor, torch.Tensor]
-
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -164,49 +160,78 @@ class BD3Net(nn.Module):
         return self._rope(k, emb.cos().float(), emb.sin().float())
 
     # ---- forward pieces ----
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, past: list[LayerKV] | None = None,
-            attn_mask: torch.Tensor | None = None, keep_kv: bool = False
-            ) -> tuple[torch.Tensor, list[LayerKV] | None]:
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "KVCache | None" = None,
+            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [b, S, h] after the final LayerNorm for ``tokens`` [b, S] at ``positions`` [S].
 
-        Queries attend to ``past`` K/V (per layer, [b, H, T, hd]) followed by the span itself; ``attn_mask``
-        [S, T+S] (bool, True = may attend) restricts that, None lets every query see everything. With
-        ``keep_kv`` the span's own post-rotary K and V per layer are returned."""
+        Without ``cache`` the span attends to itself. With it, the span's post-rotary K/V are written at
+        ``cache.length`` and queries attend to the ``cache.length`` cached entries followed by the span; the
+        caller keeps the new entries by advancing ``cache.length``. ``attn_mask`` ([S, keys], bool, True = may
+        attend) restricts attention; None lets every query see every key."""
         cfg = self.cfg
         b, s = tokens.shape
         x = self.embedding.word_embeddings(tokens)
         cos, sin = self.rotary(positions)
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        new_kv: list[LayerKV] = []
+        t0 = cache.length if cache is not None else 0
+        if cache is not None and t0 + s > cache.capacity:
+            raise ValueError(f"KV cache overflow: {t0} cached + {s} new > capacity {cache.capacity}")
         for i, layer in enumerate(self.decoder.layers):
             h = layer.input_layernorm(x)
             qkv = layer.self_attention.linear_qkv(h).view(b, s, cfg.num_heads, 3, cfg.head_dim)
             q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))  # megatron: per head [q | k | v]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            if keep_kv:
-                new_kv.append((k, v))
-            if past is not None:
-                k = torch.cat([past[i][0], k], dim=2)
-                v = torch.cat([past[i][1], v], dim=2)
+            if cache is not None:
+                cache.k[i][:, :, t0:t0 + s] = k
+                cache.v[i][:, :, t0:t0 + s] = v
+                k, v = cache.k[i][:, :, :t0 + s], cache.v[i][:, :, :t0 + s]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
             x = x + layer.self_attention.linear_proj(a.transpose(1, 2).reshape(b, s, -1))
             h = layer.pre_mlp_layernorm(x)
             x = x + layer.mlp.linear_fc2(F.gelu(layer.mlp.linear_fc1(h), approximate="tanh"))
-        return self.decoder.final_layernorm(x), (new_kv if keep_kv else None)
+        return self.decoder.final_layernorm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., V]; the mask token is -inf (SUBS)."""
         return self.output_layer(hidden).float().masked_fill(self.never_predict, float("-inf"))
 
-    def bd3_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def bd3_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None,
+                   block_size: int | None = None) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) of the forward over x_t ⊕ x0 (each [b, P],
-        P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask."""
+        P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask: the training forward."""
         p = xt.shape[1]
         end = p if end is None else end
         pos = torch.arange(p, device=xt.device)
-        mask = bd3_mask(p, self.cfg.block_size, device=xt.device)
-        hidden, _ = self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask)
+        mask = bd3_mask(p, block_size or self.cfg.block_size, device=xt.device)
+        hidden = self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask)
         return self.logits(hidden[:, start:end])
+
+
+class KVCache:
+    """Post-rotary K and V per layer, preallocated [b, heads, capacity, head_dim]; the first ``length`` positions
+    are valid. Only K and V are kept (queries of cached tokens are never needed again)."""
+
+    def __init__(self, cfg: NetConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, cfg.num_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.capacity = capacity
+        self.length = 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (finished sequences leave the batch)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+    def drop_oldest(self, n: int, net: BD3Net) -> None:
+        """Slide the window: forget the oldest ``n`` positions and re-base the rest to start at position 0."""
+        if n <= 0:
+            return
+        keep = self.length - n
+        for i in range(len(self.k)):
+            self.k[i][:, :, :keep] = net.shift_keys(self.k[i][:, :, n:self.length], n)
+            self.v[i][:, :, :keep] = self.v[i][:, :, n:self.length].clone()
+        self.length = keep
 
 
 def build_net(cfg: NetConfig, state: dict[str, torch.Tensor] | None = None,

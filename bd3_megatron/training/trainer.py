@@ -107,7 +107,7 @@ class Trainer:
                 reports.append(report)
         grad_norm, applied = self.engine.step()
         loss = self._mean_over_data_parallel(reports)
-        if applied and math.isfinite(loss):
+        if applied:  # decided from the global grad norm, so identical on every rank (the loss lives on the last stage)
             self.bad_steps = 0
             if self.ema is not None:
                 self.ema.update(self.named)
