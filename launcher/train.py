@@ -23,8 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def print_samples(trainer, cfg) -> None:
     from bd3_megatron.sampling.block_sampler import sample
 
-    s = cfg.sample
-    if s.num_samples == 0 or not trainer.ctx.is_logging_rank:
+    s, ctx = cfg.sample, trainer.ctx
+    if s.num_samples == 0 or ctx.dp_rank != 0:  # the tensor-parallel ranks of one replica sample together
+        return
+    if ctx.pp > 1:
+        if ctx.is_logging_rank:
+            print("samples: skipped (in-training sampling needs pp=1; sample from the checkpoint with tools/sample.py)")
         return
     model = trainer.model
     model.eval()
@@ -44,6 +48,8 @@ def print_samples(trainer, cfg) -> None:
     finally:
         if trainer.ema is not None:
             trainer.ema.swap_into(trainer.named)
+    if not ctx.is_logging_rank:
+        return
     print(f"\n=== {s.num_samples} samples ({tokens.shape[1]} tokens, block size {cfg.model.block_size}, "
           f"{s.steps} steps/block, {took:.1f}s) ===", flush=True)
     for i, row in enumerate(tokens.tolist()):

@@ -106,3 +106,29 @@ def test_damaged_checkpoints_are_refused_with_a_clear_error(tmp_path, data_cache
     mism = run(tiny_args(tmp_path, data_cache, "model.block_size=8", "train.max_steps=8", "sample.after_train=false",
                          "--resume", str(ckpt / "step_00000004")))
     assert mism.returncode == 2 and "block_size" in mism.stderr
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.zero_stage=1"]],
+                         ids=["tp2", "pp2", "dp2_zero1"])
+def test_torchrun_launch(layout, tmp_path, data_cache):
+    args = tiny_args(tmp_path, data_cache, "train.max_steps=4", "train.eval_interval=2", "checkpoint.interval=2",
+                     "sample.num_samples=1", *layout)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port()), "-m", "launcher.train"]
+    proc = run(torchrun + args[3:], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = metrics(tmp_path / "log")
+    assert {0, 2, 4} <= set(recs) and "val_nelbo" in recs[4]
+    assert (tmp_path / "ckpt/latest").read_text().strip() == "step_00000004"
+    saved = json.loads((tmp_path / "ckpt/step_00000004/metadata.json").read_text())["layout"]
+    assert saved["tp"] * saved["pp"] * saved["dp"] == 2
+    if "pp" not in layout[0]:
+        assert "--- sample 0 ---" in proc.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
