@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         from bd3_megatron.parallel import state
-        from bd3_megatron.training.trainer import Trainer, TrainingStopped
+        from bd3_megatron.training.trainer import PreemptionRequested, Trainer, TrainingStopped
 
         ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, cfg.parallel.device)
         try:
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except PreemptionRequested as exc:
+        print(f"preempted: {exc}", flush=True)
+        return 0
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3

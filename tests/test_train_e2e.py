@@ -132,3 +132,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_sigusr1_saves_and_exits_for_requeue(tmp_path, data_cache):
+    args = tiny_args(tmp_path, data_cache, "train.max_steps=400", "train.eval_interval=0", "checkpoint.interval=0",
+                     "sample.after_train=false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "step 3/400" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(out) + rest
+    assert proc.returncode == 0, text[-2000:]
+    assert "preempted: stop signal received" in text
+    step = int((tmp_path / "ckpt/latest").read_text().strip().split("_")[1])
+    assert 3 <= step < 400
+    resumed = run(tiny_args(tmp_path, data_cache, f"train.max_steps={step + 2}", "train.eval_interval=0",
+                            "sample.after_train=false"))
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-2000:]

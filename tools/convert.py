@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # `python tools/convert.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bd3_megatron.sampling.export import (SamplerCheckpoint, check_state, detect_format, load_checkpoint,  # noqa: E402
-                                          save_checkpoint, summary_table)
+                                          save_checkpoint, summary_table, to_hf)
 from bd3_megatron.sampling.net import NetConfig  # noqa: E402
 from bd3_megatron.training import checkpoint as ckpt  # noqa: E402
 
@@ -86,7 +86,7 @@ def gather_training_checkpoint(step_dir: Path, weights: str | None = None, log=p
     has_ema = all("ema" in s for s in loaded.values())
     if weights == "ema" and not has_ema:
         raise ValueError(f"{step_dir} holds no EMA weights (trained with optim.ema=0); pass --raw")
-    use = "ema" if (weights or ("ema" if has_ema else "raw")) == "ema" else "raw"
+    use = weights or ("ema" if has_ema else "raw")
     if weights is None and not has_ema:
         log(f"note: {step_dir} holds no EMA weights; exporting the raw weights")
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in ck.notes:
         print(f"note: {note}")
     if not args.quiet:
-        print(summary_table(ck.state))
+        print(summary_table(ck.state if args.format == "native" else to_hf(ck)[1]))
     print(f"wrote {args.format} checkpoint {out}")
     return 0
 

@@ -101,6 +101,9 @@ def write_folder(out: str | Path, config: dict[str, Any], state: dict[str, torch
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS_FILE, 0o644 & ~umask)  # safetensors creates it owner-only
         os.replace(tmp, out)  # an existing empty folder is replaced atomically too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,7 +187,7 @@ def check_state(cfg: NetConfig, state: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------- summary
 def checksum(t: torch.Tensor) -> str:
     """First 12 hex digits of the SHA-256 of the tensor's bytes (layout-independent identity of a weight)."""
-    data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:12]
 
 

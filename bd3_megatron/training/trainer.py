@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from functools import partial
 
@@ -21,6 +22,29 @@ from bd3_megatron.training.metrics import MetricsLogger
 from bd3_megatron.training.optim import EMA, lr_at
 
 EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
+
+
+class PreemptionRequested(Exception):
+    """A checkpoint was saved because the scheduler asked the job to stop (SIGUSR1/SIGTERM); requeue to continue."""
+
+
+class _StopSignal:
+    """Remembers SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary instead of dying mid-step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self, device) -> bool:
+        """True on every rank as soon as any rank got a signal (one all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
 
 
 class TrainingStopped(RuntimeError):
@@ -240,6 +264,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         last_eval: dict = {}
+        stop = _StopSignal()
         window_start, window_steps = time.time(), 0
         while self.step < t.max_steps:
             record = self.train_step()
@@ -260,6 +285,11 @@ class Trainer:
                 window_start, window_steps = time.time(), 0
             if cfg.checkpoint.dir and (done or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)):
                 self.save()
+            elif not done and stop.agreed(self.device):
+                if cfg.checkpoint.dir:
+                    self.save()
+                raise PreemptionRequested(f"stop signal received: checkpoint saved at step {self.step}; "
+                                          f"requeue the job to resume")
         return last_eval
 
     def initial_eval(self) -> dict:
