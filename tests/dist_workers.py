@@ -1,6 +1,8 @@
 """Functions run on each rank by tests/dist_harness.py (module level so the forkserver can import them)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 BASE = {
@@ -23,6 +25,20 @@ def make_config(layout: tuple[int, int, int, int], cache_dir: str, log_dir: str,
     return config_from_dict(BASE, overrides)
 
 
+@contextlib.contextmanager
+def trainer_for(layout, cache_dir: str, log_dir: str, extra: list[str] | None = None):
+    """A Trainer on this rank's process groups for ``layout``; groups are torn down afterwards."""
+    from bd3_megatron.parallel import state
+    from bd3_megatron.training.trainer import Trainer
+
+    cfg = make_config(layout, cache_dir, log_dir, extra)
+    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
+    try:
+        yield Trainer(cfg, ctx)
+    finally:
+        state.shutdown()
+
+
 def gather_weights(trainer) -> dict:
     """This rank's canonical-named shards, with how they are split (merged by the test)."""
     return {"tp_rank": trainer.ctx.tp_rank, "pp_rank": trainer.ctx.pp_rank, "dp_rank": trainer.ctx.dp_rank,
@@ -33,21 +49,13 @@ def gather_weights(trainer) -> dict:
 
 
 def train_layout(rank: int, world: int, layout, cache_dir: str, log_dir: str, steps: int, extra=None) -> dict:
-    from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer
-
-    cfg = make_config(layout, cache_dir, log_dir, extra)
-    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
+    with trainer_for(layout, cache_dir, log_dir, extra) as trainer:
         records = [trainer.train_step() for _ in range(steps)]
         val = trainer.evaluate()
         out = gather_weights(trainer)
         out.update(losses=[r["loss"] for r in records], grad_norms=[r["grad_norm"] for r in records],
-                   val=val, last_stage=ctx.is_last_stage)
+                   val=val, last_stage=trainer.ctx.is_last_stage)
         return out
-    finally:
-        state.shutdown()
 
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -75,87 +83,51 @@ def merge_full_weights(results: list[dict], vocab_size: int = 30522) -> dict[str
 
 def save_then_continue(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
     """Train 2 steps, checkpoint, train 2 more (the uninterrupted reference for resume)."""
-    from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer
-
-    cfg = make_config(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
-                                                           "optim.ema=0.99"])
-    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
+    with trainer_for(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
+                                                          "optim.ema=0.99"]) as trainer:
         for _ in range(2):
             trainer.train_step()
         trainer.save()
-        after = [trainer.train_step() for _ in range(2)]
-        return {"losses": [r["loss"] for r in after], "norms": [r["grad_norm"] for r in after],
-                "last_stage": ctx.is_last_stage, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank,
-                "params": gather_weights(trainer)["params"]}
-    finally:
-        state.shutdown()
+        return _continue_two_steps(trainer)
+
+
+def _continue_two_steps(trainer) -> dict:
+    step = trainer.step
+    after = [trainer.train_step() for _ in range(2)]
+    return {"step": step, "losses": [r["loss"] for r in after], "norms": [r["grad_norm"] for r in after],
+            "last_stage": trainer.ctx.is_last_stage, "params": gather_weights(trainer)["params"]}
 
 
 def resume_and_continue(rank: int, world: int, layout, cache_dir: str, run_dir: str, extra=None) -> dict:
-    from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer
-
-    cfg = make_config(layout, cache_dir, run_dir + "/log2", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
-                                                            "optim.ema=0.99", *(extra or [])])
-    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
+    with trainer_for(layout, cache_dir, run_dir + "/log2", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
+                                                           "optim.ema=0.99", *(extra or [])]) as trainer:
         trainer.maybe_resume()
-        step = trainer.step
-        after = [trainer.train_step() for _ in range(2)]
-        return {"step": step, "losses": [r["loss"] for r in after], "norms": [r["grad_norm"] for r in after],
-                "last_stage": ctx.is_last_stage, "tp_rank": ctx.tp_rank, "dp_rank": ctx.dp_rank,
-                "params": gather_weights(trainer)["params"]}
-    finally:
-        state.shutdown()
+        return _continue_two_steps(trainer)
 
 
 def save_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
-    from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer
-
-    cfg = make_config(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9"])
-    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
+    with trainer_for(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9"]) as trainer:
         for _ in range(2):
             trainer.train_step()
         trainer.save()
-        return {"val": trainer.evaluate(), "last_stage": ctx.is_last_stage}
-    finally:
-        state.shutdown()
+        return {"val": trainer.evaluate(), "last_stage": trainer.ctx.is_last_stage}
 
 
 def reshard_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
-    from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer
-
-    cfg = make_config(layout, cache_dir, run_dir + "/log3", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9",
-                                                            "checkpoint.reshard=true"])
-    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
-    try:
-        trainer = Trainer(cfg, ctx)
+    with trainer_for(layout, cache_dir, run_dir + "/log3", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9",
+                                                           "checkpoint.reshard=true"]) as trainer:
         trainer.maybe_resume()
-        return {"val": trainer.evaluate(), "last_stage": ctx.is_last_stage, "step": trainer.step}
-    finally:
-        state.shutdown()
+        return {"val": trainer.evaluate(), "last_stage": trainer.ctx.is_last_stage, "step": trainer.step}
 
 
 def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
     """Poison the loss of steps 1 and 2 (NaN activations from the head): they must be skipped, weights untouched,
     then two more bad steps in a row stop training with TrainingStopped."""
-    from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer, TrainingStopped
+    from bd3_megatron.training.trainer import TrainingStopped
 
-    cfg = make_config(layout, cache_dir, run_dir + "/log", ["train.max_bad_steps=2", "train.max_steps=10"])
-    ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, "cpu")
     poison = {"on": False}
-    try:
-        trainer = Trainer(cfg, ctx)
-        if ctx.is_last_stage:
+    with trainer_for(layout, cache_dir, run_dir + "/log", ["train.max_bad_steps=2", "train.max_steps=10"]) as trainer:
+        if trainer.ctx.is_last_stage:
             trainer.model.output_layer.register_forward_hook(
                 lambda mod, inp, out: (out[0] * float("nan"), out[1]) if poison["on"] else out)
         trainer.train_step()
@@ -172,6 +144,4 @@ def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> di
         except TrainingStopped as exc:
             stopped = str(exc)
         return {"skipped": rec["skipped_steps"], "unchanged": unchanged, "good_loss": good["loss"],
-                "stopped": stopped, "last_stage": ctx.is_last_stage}
-    finally:
-        state.shutdown()
+                "stopped": stopped, "last_stage": trainer.ctx.is_last_stage}
