@@ -53,6 +53,13 @@ class DiffusionConfig:
     resample: bool = False  # keep each block's masked fraction inside the window (bounded retries)
     resample_tries: int = 8
     ignore_bos: bool = False  # never mask position 0 (the reference's algo.ignore_bos)
+    # data-driven clip window (the reference's var_min): at every evaluation, score each window of the grid by the
+    # variance of per-block NELBO estimates on validation batches and train with the minimiser
+    clip_search: bool = False
+    clip_search_widths: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    clip_search_delta: float = 0.05
+    clip_search_batches: int = 0  # validation micro-batches scored per window (0 = the evaluation's batches)
+    fix_clipping: bool = False  # search and log, but keep training with [eps_min, eps_max]
 
 
 @dataclass
@@ -290,6 +297,9 @@ def validate(cfg: Config) -> None:
     _require(0.0 < d.eps_min <= d.eps_max <= 1.0,
              f"diffusion window needs 0 < eps_min <= eps_max <= 1, got [{d.eps_min}, {d.eps_max}]")
     _require(d.resample_tries >= 1, "diffusion.resample_tries must be >= 1")
+    _require(d.clip_search_delta > 0 and d.clip_search_batches >= 0,
+             "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_batches >= 0")
+    _require(all(0 < w <= 1 for w in d.clip_search_widths), "diffusion.clip_search_widths must lie in (0, 1]")
     if d.resample:
         from bd3_megatron.diffusion.noise import window_feasible
         from bd3_megatron.diffusion.schedule import ClipWindow

@@ -145,3 +145,14 @@ def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> di
             stopped = str(exc)
         return {"skipped": rec["skipped_steps"], "unchanged": unchanged, "good_loss": good["loss"],
                 "stopped": stopped, "last_stage": trainer.ctx.is_last_stage}
+
+
+def clip_search_once(rank: int, world: int, layout, cache_dir: str, log_dir: str) -> dict:
+    """One training step, then the clip-window search; returns the chosen window and the scores."""
+    extra = ["diffusion.clip_search=true", "diffusion.clip_search_widths=[0.5,0.8]", "diffusion.clip_search_delta=0.25",
+             "train.eval_batches=4"]
+    with trainer_for(layout, cache_dir, log_dir, extra) as trainer:
+        trainer.train_step()
+        result = trainer.evaluate()
+        return {"result": result, "window": [trainer.batches.window.eps_min, trainer.batches.window.eps_max],
+                "last_stage": trainer.ctx.is_last_stage}

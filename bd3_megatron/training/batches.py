@@ -43,16 +43,20 @@ class BatchMaker:
         self.schedule = get_schedule(d.schedule)
 
     def corrupt(self, x0: torch.Tensor, sample_index: torch.Tensor, step: int, *, window: ClipWindow | None = None,
-                global_batch: int | None = None, seed_offset: int = 0) -> MicroBatch:
+                resample: bool | None = None, global_batch: int | None = None, seed_offset: int = 0) -> MicroBatch:
+        """Training batches use the current window (``self.window``, moved by the clip search) with the configured
+        resampling; evaluation passes its own window, and resampling only if asked."""
         d = self.cfg.diffusion
+        if resample is None:
+            resample = d.resample and window is None
         x0 = x0.to(self.device)
         sample_index = sample_index.to(self.device)
         c = noise.corrupt(x0, sample_index, step, seed=self.cfg.train.seed + seed_offset,
                           block_size=self.cfg.model.block_size, window=window or self.window,
                           mask_token_id=self.mask_token_id,
                           global_batch_size=global_batch or self.cfg.train.global_batch_size,
-                          antithetic=d.antithetic, resample=d.resample and window is None, ignore_bos=d.ignore_bos,
-                          **({"max_tries": d.resample_tries} if d.resample and window is None else {}))
+                          antithetic=d.antithetic, resample=resample, ignore_bos=d.ignore_bos,
+                          max_tries=d.resample_tries)
         # per-token NELBO weight: the SUBS NELBO of a unit cross-entropy at every token
         weight = token_nelbo(torch.ones_like(c.t_tokens), c.masked, c.t_tokens, self.schedule)
         return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), sample_index=sample_index)

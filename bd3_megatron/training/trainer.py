@@ -1,6 +1,7 @@
 """The training loop: megatron-core forward/backward schedules, an optimizer engine, eval, checkpoints, samples."""
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -8,9 +9,11 @@ from functools import partial
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 
 from bd3_megatron.config import Config, validate_layout
 from bd3_megatron.diffusion.schedule import ClipWindow
+from bd3_megatron.diffusion.variance import block_means, clip_window_grid, search_clip_window
 from bd3_megatron.model.bd3_model import canonical_parameter_names
 from bd3_megatron.model.build import build_model, precision_dtype
 from bd3_megatron.parallel.device import device_redirect
@@ -51,12 +54,14 @@ class TrainingStopped(RuntimeError):
     """Training could not continue (e.g. too many consecutive non-finite steps); the last checkpoint is intact."""
 
 
-def loss_from_token_ce(batch: MicroBatch, ce: torch.Tensor):
-    """megatron schedule loss_func: NELBO averaged over all tokens of the micro-batch (reference convention)."""
+def loss_from_token_ce(batch: MicroBatch, block_size: int, ce: torch.Tensor):
+    """megatron schedule loss_func: NELBO averaged over all tokens of the micro-batch (reference convention), plus
+    the per-block estimates the clip-window search scores."""
     weighted = ce * batch.weight
     loss = weighted.sum() / weighted.numel()
     return loss, {"loss": loss.detach().clone(), "weighted_sum": weighted.detach().sum(),
-                  "tokens": torch.tensor(float(weighted.numel())), "masked": batch.masked.float().sum()}
+                  "tokens": torch.tensor(float(weighted.numel())),
+                  "block_losses": block_means(weighted.detach(), block_size)}
 
 
 class Trainer:
@@ -98,7 +103,7 @@ class Trainer:
             batch = next(data_iterator)
             with self.ctx.runtime.autocast(self.dtype):
                 ce = model(batch.xt, batch.x0, batch.masked)
-            return ce, partial(loss_from_token_ce, batch)
+            return ce, partial(loss_from_token_ce, batch, self.cfg.model.block_size)
 
         with device_redirect():
             return get_forward_backward_func()(
@@ -126,7 +131,7 @@ class Trainer:
             for batch in micro:
                 with self.ctx.runtime.autocast(self.dtype):
                     ce = self.engine.engine(batch.xt, batch.x0, batch.masked)
-                loss, report = loss_from_token_ce(batch, ce)
+                loss, report = loss_from_token_ce(batch, self.cfg.model.block_size, ce)
                 self.engine.backward(loss)
                 reports.append(report)
         grad_norm, applied = self.engine.step()
@@ -143,8 +148,6 @@ class Trainer:
 
     def _mean_over_data_parallel(self, reports: list[dict]) -> float:
         """The step's loss averaged over micro-batches and data-parallel ranks (meaningful on the last stage)."""
-        from megatron.core import parallel_state
-
         if not reports:
             return float("nan")
         local = torch.stack([r["loss"].float() for r in reports]).mean().reshape(1).to(self.device)
@@ -154,43 +157,92 @@ class Trainer:
         return float(local)
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Validation NELBO (window [1e-3, 1], fixed noise) with EMA weights: token-weighted over the batches."""
+    def _val_batch_count(self) -> int:
+        """Validation micro-batches per rank. The evaluated rows are the first R of the split, R independent of the
+        layout (up to rounding to whole passes), so every TP/PP/DP layout reports the same number."""
         t = self.cfg.train
         mb, n_rows = t.micro_batch_size, len(self.val_rows)
         per_pass = mb * self.dp
-        # The evaluated rows are the first R of the split, R independent of the layout (up to rounding to whole
-        # passes), so every TP/PP/DP layout reports the same number.
         rows = min(n_rows, t.eval_batches * mb) if t.eval_batches else n_rows
-        n_batches = rows // per_pass
-        if n_batches == 0:
+        if rows // per_pass == 0:
             raise ValueError(f"validation split has {n_rows} rows, fewer than one batch of {per_pass}; raise "
                              f"data.val_docs or lower train.micro_batch_size")
+        return rows // per_pass
+
+    def _val_micro_batches(self, n_batches: int, window: ClipWindow, resample: bool = False) -> list[MicroBatch]:
+        mb, per_pass = self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_size * self.dp
+        out = []
+        for i in range(n_batches):
+            idx = np.arange(i * per_pass + self.ctx.dp_rank * mb, i * per_pass + (self.ctx.dp_rank + 1) * mb)
+            x0 = torch.from_numpy(self.val_rows.rows(idx))
+            out.append(self.batches.corrupt(x0, torch.from_numpy(idx), 0, window=window, resample=resample,
+                                            global_batch=n_batches * per_pass, seed_offset=EVAL_SEED_OFFSET))
+        return out
+
+    @contextlib.contextmanager
+    def _eval_weights(self):
+        """Evaluate with the EMA weights (as the reference does), restoring the training weights afterwards."""
         self.model.eval()
         if self.ema is not None:
             self.ema.swap_into(self.named)
         try:
-            micro = []
-            for i in range(n_batches):
-                idx = np.arange(i * per_pass + self.ctx.dp_rank * mb, i * per_pass + (self.ctx.dp_rank + 1) * mb)
-                x0 = torch.from_numpy(self.val_rows.rows(idx))
-                micro.append(self.batches.corrupt(x0, torch.from_numpy(idx), 0, window=ClipWindow(1e-3, 1.0),
-                                                  global_batch=n_batches * per_pass, seed_offset=EVAL_SEED_OFFSET))
-            reports = self._run_schedule(micro, forward_only=True)
+            with torch.no_grad():
+                yield
         finally:
             if self.ema is not None:
                 self.ema.swap_into(self.named)
+
+    def evaluate(self) -> dict:
+        """Validation NELBO (window [1e-3, 1], fixed noise) with EMA weights, token-weighted over the batches; with
+        ``diffusion.clip_search`` also the clip-window search."""
+        with self._eval_weights():
+            reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), ClipWindow()),
+                                         forward_only=True)
+            search = self.clip_search() if self.cfg.diffusion.clip_search else {}
         sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports),
                              sum(float(r["tokens"]) for r in reports)], dtype=torch.float64, device=self.device)
         if self.dp > 1:
-            from megatron.core import parallel_state
-
             torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         if not self.ctx.is_last_stage:
             return {}
         nelbo = float(sums[0] / sums[1])
-        return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 50.0))}
+        return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 50.0)), **search}
+
+    def clip_search(self) -> dict:
+        """Score every window of the grid by the variance of per-block NELBO estimates on the validation batches
+        (gathered over data-parallel ranks), pick the minimiser on the last stage, share it with every rank and, unless
+        ``fix_clipping``, train with it from now on. Call inside ``_eval_weights``."""
+        d = self.cfg.diffusion
+        windows = clip_window_grid(d.clip_search_widths, d.clip_search_delta)
+        n_batches = min(d.clip_search_batches or self._val_batch_count(), self._val_batch_count())
+
+        def estimates(window: ClipWindow) -> list[torch.Tensor]:
+            reports = self._run_schedule(self._val_micro_batches(n_batches, window, resample=d.resample),
+                                         forward_only=True)
+            return [self._gather_data_parallel(r["block_losses"]) for r in reports]
+
+        if self.ctx.is_last_stage:
+            best, scores = search_clip_window(windows, estimates)
+            choice = torch.tensor([windows.index(best)], device=self.device)
+        else:  # earlier stages run the same forward passes for the pipeline; the last stage decides
+            for window in windows:
+                estimates(window)
+            scores, choice = {}, torch.zeros(1, dtype=torch.long, device=self.device)
+        if self.ctx.pp > 1:
+            torch.distributed.broadcast(choice, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                        group=parallel_state.get_pipeline_model_parallel_group())
+        best = windows[int(choice.item())]
+        if not d.fix_clipping:
+            self.batches.window = best
+        return {"clip_window": [best.eps_min, best.eps_max],
+                **{f"clip_var/{label}": score for label, score in scores.items()}}
+
+    def _gather_data_parallel(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.dp)]
+        torch.distributed.all_gather(parts, t.contiguous(), group=parallel_state.get_data_parallel_group())
+        return torch.cat(parts)
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict:
@@ -211,6 +263,7 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.step * self.cfg.train.global_batch_size,
                 "skipped_steps": self.skipped_steps, "data": {"stream": "ShuffledStream", **self.data_info},
                 "tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size,
+                "clip_window": [self.batches.window.eps_min, self.batches.window.eps_max],
                 "mask_token_id": self.tokenizer.mask_token_id}
         path = ckpt.save_checkpoint(c.dir, self.step, self.layout, model_state=self._model_state(),
                                     optim_state={"engine": self.engine.state_dict(), "step": self.step},
@@ -256,6 +309,8 @@ class Trainer:
             ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
         self.step = meta["step"]
         self.skipped_steps = meta.get("skipped_steps", 0)
+        if "clip_window" in meta and self.cfg.diffusion.clip_search and not self.cfg.diffusion.fix_clipping:
+            self.batches.window = ClipWindow(*meta["clip_window"])  # the searched window survives a restart
         how = "" if same_layout else f" (weights resharded from layout {meta['layout']}, fresh optimizer state)"
         self.logger.info(f"resumed from {path} at step {self.step}{how}")
 

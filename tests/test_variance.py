@@ -1,0 +1,64 @@
+"""Clip-window search: the estimator, the grid, the search, and layout independence on a real model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bd3_megatron.diffusion.schedule import ClipWindow
+from bd3_megatron.diffusion.variance import (block_means, clip_window_grid, search_clip_window, variance_score,
+                                             window_label)
+
+
+def test_variance_score_closed_form():
+    a = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
+    b = torch.tensor([[2.0, 2.0], [2.0, 4.0]])
+    # pooled values 1,3,5,7,2,2,2,4: mean 3.25, squared deviations sum 27.5, unbiased variance 27.5 / 7
+    assert variance_score([a, b]) == pytest.approx(27.5 / 7)
+    assert variance_score([torch.cat([a.flatten(), b.flatten()])]) == variance_score([a, b])  # grouping-free
+    with pytest.raises(ValueError):
+        variance_score([torch.tensor([1.0])])
+
+
+def test_block_means():
+    terms = torch.arange(8.0).view(1, 8)
+    assert torch.equal(block_means(terms, 4), torch.tensor([[1.5, 5.5]]))
+
+
+def test_grid_matches_the_reference():
+    grid = clip_window_grid([0.5, 0.6, 0.7, 0.8, 0.9], 0.05)
+    assert len(grid) == 36 and grid[0] == ClipWindow()
+    assert ClipWindow(0.5, 1.0) in grid and ClipWindow(1e-3, 0.5) in grid and ClipWindow(0.1, 1.0) in grid
+    assert all(w.eps_max - w.eps_min <= 0.9 + 1e-9 for w in grid[1:])
+    assert window_label(ClipWindow(0.3, 0.8)) == "0.3-0.8"
+
+
+def test_search_picks_the_known_minimiser():
+    """Synthetic estimates whose spread grows with the distance of the window centre from 0.4."""
+    grid = clip_window_grid([0.5, 0.7], 0.1)
+    gen = torch.Generator().manual_seed(0)
+    noise = [torch.randn(64, 16, generator=gen) for _ in range(4)]  # common random numbers across windows
+
+    def estimates(w: ClipWindow):
+        spread = abs((w.eps_min + w.eps_max) / 2 - 0.4) + 0.1
+        return [n * spread for n in noise]
+
+    best, scores = search_clip_window(grid, estimates)
+    want = min(grid, key=lambda w: abs((w.eps_min + w.eps_max) / 2 - 0.4))
+    assert best == want and len(scores) == len(grid)
+    assert scores[window_label(best)] == min(scores.values())
+
+
+@pytest.mark.slow
+def test_search_is_the_same_on_one_and_two_data_parallel_ranks(data_cache, tmp_path):
+    from tests.dist_harness import run_ranks
+    from tests.dist_workers import clip_search_once
+
+    one = run_ranks(clip_search_once, 1, (1, 1, 1, 0), data_cache, str(tmp_path / "a"))[0]
+    two = run_ranks(clip_search_once, 2, (1, 1, 2, 1), data_cache, str(tmp_path / "b"))
+    assert all(r["window"] == one["window"] for r in two)  # every rank trains with the chosen window
+    scores1 = {k: v for k, v in one["result"].items() if k.startswith("clip_var/")}
+    scores2 = {k: v for k, v in two[0]["result"].items() if k.startswith("clip_var/")}
+    assert len(scores1) == len(clip_window_grid([0.5, 0.8], 0.25)) and scores1.keys() == scores2.keys()
+    for k in scores1:
+        assert scores2[k] == pytest.approx(scores1[k], rel=1e-5), k
+    assert one["result"]["clip_window"] == one["window"]
