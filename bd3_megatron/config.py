@@ -121,6 +121,7 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "bd3-megatron"
     progress: bool = True  # one-line progress bar on a terminal
+    variance_warn_factor: float = 10.0  # warn when the per-block NELBO variance exceeds this x its running mean (0: off)
 
 
 @dataclass

@@ -62,3 +62,47 @@ def test_search_is_the_same_on_one_and_two_data_parallel_ranks(data_cache, tmp_p
     for k in scores1:
         assert scores2[k] == pytest.approx(scores1[k], rel=1e-5), k
     assert one["result"]["clip_window"] == one["window"]
+
+
+def test_live_statistics_are_exact_pooled_moments(mcore):
+    """The trainer's per-step block statistics equal a direct computation on the same reports."""
+    from bd3_megatron.training.trainer import Trainer
+
+    reports = [{"block_losses": torch.tensor([[1.0, 2.0], [3.0, 10.0]]), "block_t": torch.tensor([[0.05, 0.5],
+                                                                                                   [0.55, 0.99]])},
+               {"block_losses": torch.tensor([[4.0, 6.0]]), "block_t": torch.tensor([[0.51, 0.02]])}]
+    fake = type("T", (), {"dp": 1})()
+    out = Trainer._nelbo_statistics(fake, reports)
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0, 6.0], dtype=torch.float64)
+    assert out["nelbo_block_mean"] == pytest.approx(values.mean().item())
+    assert out["nelbo_block_var"] == pytest.approx(values.var().item())
+    assert out["loss_t/0.0-0.1"] == pytest.approx((1.0 + 6.0) / 2)
+    assert out["loss_t/0.5-0.6"] == pytest.approx((2.0 + 3.0 + 4.0) / 3)
+    assert out["loss_t/0.9-1.0"] == pytest.approx(10.0)
+    assert "loss_t/0.3-0.4" not in out
+
+
+@pytest.mark.slow
+def test_variance_report_renders_a_real_run(tmp_path, data_cache):
+    import subprocess
+    import sys
+
+    from tests.test_train_e2e import ROOT, metrics, run, tiny_args
+
+    proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=6", "train.eval_interval=3", "checkpoint.dir=null",
+                         "sample.after_train=false", "diffusion.clip_search=true",
+                         "diffusion.clip_search_widths=[0.5]", "diffusion.clip_search_delta=0.25"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = metrics(tmp_path / "log")
+    assert "nelbo_block_var" in recs[6] and any(k.startswith("loss_t/") for k in recs[6])
+    assert len([k for k in recs[6] if k.startswith("clip_var/")]) == 4  # (1e-3,1) + 3 windows of width 0.5
+    rep = subprocess.run([sys.executable, "tools/variance_report.py", str(tmp_path / "log")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    for name in ("loss.png", "block_variance.png", "clip_windows.png", "loss_by_t.png"):
+        png = tmp_path / "log/report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "window" in rep.stdout.splitlines()[0] and len(rep.stdout.splitlines()) >= 3
+    bad = subprocess.run([sys.executable, "tools/variance_report.py", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr

@@ -23,6 +23,7 @@ class MicroBatch:
     xt: torch.Tensor  # [b, L] noisy tokens
     masked: torch.Tensor  # [b, L] bool, positions replaced by the mask token
     weight: torch.Tensor  # [b, L] fp32 NELBO weight per token (loss_weight(t) on masked positions, else 0)
+    t: torch.Tensor  # [b, num_blocks] the diffusion time of each block
     sample_index: torch.Tensor  # [b] global sample indices
 
 
@@ -59,4 +60,5 @@ class BatchMaker:
                           max_tries=d.resample_tries)
         # per-token NELBO weight: the SUBS NELBO of a unit cross-entropy at every token
         weight = token_nelbo(torch.ones_like(c.t_tokens), c.masked, c.t_tokens, self.schedule)
-        return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), sample_index=sample_index)
+        return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), t=c.t,
+                          sample_index=sample_index)

@@ -61,7 +61,7 @@ def loss_from_token_ce(batch: MicroBatch, block_size: int, ce: torch.Tensor):
     loss = weighted.sum() / weighted.numel()
     return loss, {"loss": loss.detach().clone(), "weighted_sum": weighted.detach().sum(),
                   "tokens": torch.tensor(float(weighted.numel())),
-                  "block_losses": block_means(weighted.detach(), block_size)}
+                  "block_losses": block_means(weighted.detach(), block_size), "block_t": batch.t}
 
 
 class Trainer:
@@ -136,6 +136,7 @@ class Trainer:
                 reports.append(report)
         grad_norm, applied = self.engine.step()
         loss = self._mean_over_data_parallel(reports)
+        stats = self._nelbo_statistics(reports) if self.ctx.is_last_stage else {}
         if applied:  # decided from the global grad norm, so identical on every rank (the loss lives on the last stage)
             self.bad_steps = 0
             if self.ema is not None:
@@ -144,7 +145,27 @@ class Trainer:
             self.bad_steps += 1
             self.skipped_steps += 1
         self.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps, **stats}
+
+    def _nelbo_statistics(self, reports: list[dict], buckets: int = 10) -> dict:
+        """Cheap live variance monitoring: mean and variance of the step's per-block NELBO estimates over all
+        micro-batches and data-parallel ranks, and the mean loss per t bucket (one small all-reduce)."""
+        bl = torch.cat([r["block_losses"].flatten() for r in reports]).double()
+        bt = torch.cat([r["block_t"].flatten() for r in reports]).to(bl.device)
+        idx = torch.clamp((bt * buckets).long(), 0, buckets - 1)
+        vec = torch.cat([torch.stack([bl.sum(), (bl * bl).sum(), torch.tensor(float(bl.numel()), dtype=bl.dtype,
+                                                                                 device=bl.device)]),
+                         torch.zeros(buckets, dtype=bl.dtype, device=bl.device).index_add_(0, idx, bl),
+                         torch.zeros(buckets, dtype=bl.dtype, device=bl.device).index_add_(0, idx, torch.ones_like(bl))])
+        if self.dp > 1:
+            torch.distributed.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+        s1, s2, n = float(vec[0]), float(vec[1]), float(vec[2])
+        out = {"nelbo_block_mean": s1 / n, "nelbo_block_var": (s2 - s1 * s1 / n) / max(n - 1.0, 1.0)}
+        for b in range(buckets):
+            count = float(vec[3 + buckets + b])
+            if count:
+                out[f"loss_t/{b / buckets:.1f}-{(b + 1) / buckets:.1f}"] = float(vec[3 + b]) / count
+        return out
 
     def _mean_over_data_parallel(self, reports: list[dict]) -> float:
         """The step's loss averaged over micro-batches and data-parallel ranks (meaningful on the last stage)."""
@@ -321,9 +342,17 @@ class Trainer:
         last_eval: dict = {}
         stop = _StopSignal()
         window_start, window_steps = time.time(), 0
+        variance_avg = None
         while self.step < t.max_steps:
             record = self.train_step()
             window_steps += 1
+            if "nelbo_block_var" in record:
+                v, factor = record["nelbo_block_var"], cfg.log.variance_warn_factor
+                if variance_avg is not None and factor and v > factor * variance_avg:
+                    record["variance_warning"] = True
+                    self.logger.info(f"warning: per-block NELBO variance {v:.4g} at step {self.step} is above "
+                                     f"{factor:g}x its running mean {variance_avg:.4g}")
+                variance_avg = v if variance_avg is None else 0.9 * variance_avg + 0.1 * v
             if self.bad_steps >= t.max_bad_steps:
                 raise TrainingStopped(f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
                                       f"The last checkpoint is intact; lower optim.lr or check the data")
