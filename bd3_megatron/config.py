@@ -112,6 +112,10 @@ class CheckpointConfig:
     # Resuming from a checkpoint of another TP/PP/DP layout: load the weights and EMA resharded to this layout and
     # start a fresh optimizer state (Adam moments are not resharded). Off: a layout mismatch is an error.
     reshard: bool = False
+    # Start from another run's weights (and EMA), e.g. the block-size-1024 pretrain before fine-tuning at L'=4:
+    # any TP/PP layout and block size, step 0, fresh optimizer. Ignored once checkpoint.dir holds a checkpoint of
+    # this run, so a requeued job resumes normally.
+    init_from: str | None = None
 
 
 @dataclass

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except PreemptionRequested as exc:
-        print(f"preempted: {exc}", flush=True)
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per rank
+            print(f"preempted: {exc}", flush=True)
         return 0
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -154,3 +154,21 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path, data_cache):
     resumed = run(tiny_args(tmp_path, data_cache, f"train.max_steps={step + 2}", "train.eval_interval=0",
                             "sample.after_train=false"))
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_init_from_another_block_size_starts_a_fresh_run(tmp_path, data_cache):
+    pre = tiny_args(tmp_path / "pre", data_cache, "model.block_size=32", "sample.length=32", "train.max_steps=3",
+                    "train.eval_interval=0",
+                    "sample.after_train=false")
+    assert run(pre).returncode == 0
+    fine = tiny_args(tmp_path / "fine", data_cache, "model.block_size=4", "train.max_steps=2",
+                     "train.eval_interval=0", "sample.after_train=false", f"checkpoint.init_from={tmp_path / 'pre/ckpt'}")
+    proc = run(fine)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialised weights from" in proc.stdout and "block size 32 -> 4" in proc.stdout
+    assert (tmp_path / "fine/ckpt/latest").read_text().strip() == "step_00000002"
+    again = run(fine[:-1] + ["train.max_steps=3", f"checkpoint.init_from={tmp_path / 'pre/ckpt'}"])
+    assert "resumed from" in again.stdout and "initialised weights" not in again.stdout  # requeue resumes its own run
+    bad = run(tiny_args(tmp_path / "bad", data_cache, "model.hidden_size=32", "train.max_steps=1",
+                        f"checkpoint.init_from={tmp_path / 'pre/ckpt'}"))
+    assert bad.returncode == 2 and "architectures must match" in bad.stderr

@@ -295,6 +295,8 @@ class Trainer:
         c = self.cfg.checkpoint
         path = ckpt.resolve_checkpoint(c.resume, c.dir)
         if path is None:
+            if c.init_from:
+                self.init_from(c.init_from)
             return
         meta = ckpt.read_metadata(path)
         saved_cfg = meta["config"]
@@ -334,6 +336,30 @@ class Trainer:
             self.batches.window = ClipWindow(*meta["clip_window"])  # the searched window survives a restart
         how = "" if same_layout else f" (weights resharded from layout {meta['layout']}, fresh optimizer state)"
         self.logger.info(f"resumed from {path} at step {self.step}{how}")
+
+    def init_from(self, spec: str) -> None:
+        """Load weights (and EMA) of another run, resharded to this layout; the step and optimizer start fresh."""
+        path = ckpt.resolve_checkpoint(spec, None)
+        if path is None:
+            raise ckpt.CheckpointError(f"checkpoint.init_from={spec!r} names no checkpoint")
+        meta = ckpt.read_metadata(path)
+        saved = meta["config"]["model"]
+        for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size"):
+            if saved[key] != getattr(self.cfg.model, key):
+                raise ckpt.CheckpointError(f"checkpoint.init_from {path} has model.{key}={saved[key]} but this run "
+                                           f"has {getattr(self.cfg.model, key)}; the architectures must match")
+        if meta.get("tokenizer") != self.tokenizer.name:
+            raise ckpt.CheckpointError(f"checkpoint.init_from {path} uses tokenizer {meta.get('tokenizer')!r}, this "
+                                       f"run {self.tokenizer.name!r}")
+        weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
+        by_canonical = {self.canonical[n]: n for n in self.named}
+        with torch.no_grad():
+            for cname, tensor in weights.items():
+                self.named[by_canonical[cname]].copy_(tensor)
+        if self.ema is not None:  # the EMA restarts from the loaded weights (its warm-up hides the jump)
+            self.ema = EMA(self.named, self.cfg.optim.ema)
+        self.logger.info(f"initialised weights from {path} (step {meta['step']}, block size "
+                         f"{saved['block_size']} -> {self.cfg.model.block_size}); training starts at step 0")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
