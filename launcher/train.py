@@ -59,6 +59,9 @@ def print_samples(trainer, cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bd3_megatron.cli import quiet_library_warnings
+
+    quiet_library_warnings()
     from bd3_megatron.config import ConfigError, load_config
     from bd3_megatron.training.checkpoint import CheckpointError
 

