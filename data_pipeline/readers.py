@@ -291,14 +291,15 @@ class StreamingReader:
     must read the same rows): each reader is built as a one-process world, then its iteration position is
     set to DP rank `dp_rank` of `dp` (streaming's "parallel" world, the hook its `replication` option uses).
     Sample order depends only on (seed, num_canonical_nodes, global_batch_size): rank r's batch at step s is
-    its share of the DP=1 batch at step s, whatever dp is, and a resumed run continues with the next batch.
+    its share of the DP=1 batch at step s for every dp dividing num_canonical_nodes (the default 128 covers
+    the power-of-two layouts up to 128 ranks), and a resumed run continues with the next batch.
     An epoch is the whole steps that fit (epoch_size // global_batch_size); the partial last step is skipped.
     If torch.distributed is initialised, StreamingDataset ends its constructor with a barrier over the
     world group, so build the reader on every rank.
     """
 
     def __init__(self, remote: str, split: str, *, local: str, expect_tokenizer: str, expect_seq_len: int,
-                 global_batch_size: int, seed: int, dp_rank: int = 0, dp: int = 1, num_canonical_nodes: int = 1,
+                 global_batch_size: int, seed: int, dp_rank: int = 0, dp: int = 1, num_canonical_nodes: int = 128,
                  shuffle_block_size: int | None = None, download_timeout: float = 60.0) -> None:
         from streaming import StreamingDataset
         from streaming.base.world import World
@@ -309,6 +310,9 @@ class StreamingReader:
             raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of dp={dp}")
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if num_canonical_nodes < 1 or num_canonical_nodes % dp:
+            raise ValueError(f"num_canonical_nodes={num_canonical_nodes} must be a multiple of dp={dp} (streaming pads "
+                             "the order otherwise); use a multiple of every dp the run may use, e.g. 128")
         self.manifest = fetch_manifest(remote, local, download_timeout)
         if self.manifest["format"] != "mds":
             raise ValueError(f"StreamingReader reads MDS shards; {remote} holds {self.manifest['format']} shards "
@@ -358,6 +362,13 @@ class StreamingReader:
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._iter = self.epoch + 1, 0, None
         return np.stack(rows).astype(np.int64)
+
+    def close(self) -> None:
+        """Stop StreamingDataset's download-ahead threads (before deleting its cache or remote folder)."""
+        iterator = getattr(self._ds, "_iterator", None)
+        if iterator is not None:
+            iterator.exit()
+        self._iter = None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position; store it in every checkpoint (identical on all ranks)."""

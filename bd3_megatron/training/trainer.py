@@ -66,7 +66,8 @@ def loss_from_token_ce(batch: MicroBatch, block_size: int, ce: torch.Tensor):
 
 class Trainer:
     def __init__(self, cfg: Config, ctx: ParallelContext):
-        from data_pipeline.dataset import ShuffledStream, build_text_datasets
+        from data_pipeline.dataset import ShuffledStream
+        from data_pipeline.readers import build_datasets
         from data_pipeline.tokenizers import get_tokenizer
 
         self.cfg, self.ctx = cfg, ctx
@@ -76,7 +77,7 @@ class Trainer:
         self.device = ctx.runtime.device
         self.dtype = precision_dtype(cfg, ctx.runtime.is_cuda)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
-        self.train_rows, self.val_rows, self.data_info = build_text_datasets(
+        self.train_rows, self.val_rows, self.data_info = build_datasets(
             cfg.data.path, self.tokenizer, cfg.model.seq_len, cfg.data.val_docs, cfg.data.cache_dir)
         self.stream = ShuffledStream(self.train_rows, seed=t.seed)
         model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
