@@ -64,12 +64,7 @@ def build_evaluator(args):
     ctx = state.initialize(1, 1, cfg.train.seed, cfg.parallel.device, env=state.LaunchEnv(0, 1, 0, "single"))
     trainer = Trainer(cfg, ctx)
     weights, ema = ckpt.load_resharded(path, meta, trainer.named, trainer.canonical)
-    if not args.raw and ema is not None:
-        weights = ema["shadow"]
-    with torch.no_grad():
-        by_canonical = {trainer.canonical[n]: n for n in trainer.named}
-        for cname, tensor in weights.items():
-            trainer.named[by_canonical[cname]].copy_(tensor)
+    trainer.load_weights(weights if args.raw or ema is None else ema["shadow"], source=path)
     return trainer, path, meta
 
 

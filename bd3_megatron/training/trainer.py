@@ -312,21 +312,16 @@ class Trainer:
         same_layout = ckpt.layout_matches(meta, self.layout)
         if not same_layout and not c.reshard:
             ckpt.check_layout(meta, self.layout, path)  # raises with the explanation
-        by_canonical = {self.canonical[n]: n for n in self.named}
         if same_layout:
             mstate = ckpt.load_file(path / self.layout.model_file())
             weights, ema = mstate["model"], mstate.get("ema")
         else:
             weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
-        if set(weights) != set(by_canonical):
-            raise ckpt.CheckpointError(f"{path}: model tensors do not match this model "
-                                       f"(differing: {sorted(set(weights) ^ set(by_canonical))[:4]})")
-        with torch.no_grad():
-            for cname, tensor in weights.items():
-                self.named[by_canonical[cname]].copy_(tensor)
-            if self.ema is not None and ema is not None:
-                self.ema.load_state_dict({"decay": ema["decay"], "num_updates": ema["num_updates"],
-                                          "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()}})
+        self.load_weights(weights, source=path)
+        if self.ema is not None and ema is not None:
+            by_canonical = {self.canonical[n]: n for n in self.named}
+            self.ema.load_state_dict({"decay": ema["decay"], "num_updates": ema["num_updates"],
+                                      "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()}})
         if same_layout:
             # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own
             ostates = [ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes())
@@ -339,6 +334,16 @@ class Trainer:
             self.batches.window = ClipWindow(*meta["clip_window"])  # the searched window survives a restart
         how = "" if same_layout else f" (weights resharded from layout {meta['layout']}, fresh optimizer state)"
         self.logger.info(f"resumed from {path} at step {self.step}{how}")
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor], source) -> None:
+        """Copy canonical-named tensors (this rank's shards) into the model; the names must match exactly."""
+        by_canonical = {self.canonical[n]: n for n in self.named}
+        if set(weights) != set(by_canonical):
+            raise ckpt.CheckpointError(f"{source}: model tensors do not match this model "
+                                       f"(differing: {sorted(set(weights) ^ set(by_canonical))[:4]})")
+        for cname, tensor in weights.items():
+            self.named[by_canonical[cname]].copy_(tensor)
 
     def init_from(self, spec: str) -> None:
         """Load weights (and EMA) of another run, resharded to this layout; the step and optimizer start fresh."""
@@ -354,11 +359,8 @@ class Trainer:
         if meta.get("tokenizer") != self.tokenizer.name:
             raise ckpt.CheckpointError(f"checkpoint.init_from {path} uses tokenizer {meta.get('tokenizer')!r}, this "
                                        f"run {self.tokenizer.name!r}")
-        weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
-        by_canonical = {self.canonical[n]: n for n in self.named}
-        with torch.no_grad():
-            for cname, tensor in weights.items():
-                self.named[by_canonical[cname]].copy_(tensor)
+        weights, _ = ckpt.load_resharded(path, meta, self.named, self.canonical)
+        self.load_weights(weights, source=path)
         if self.ema is not None:  # the EMA restarts from the loaded weights (its warm-up hides the jump)
             self.ema = EMA(self.named, self.cfg.optim.ema)
         self.logger.info(f"initialised weights from {path} (step {meta['step']}, block size "
