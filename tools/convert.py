@@ -73,6 +73,18 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
         raise ValueError(f"checkpoint metadata lacks {exc}; it was not written by this trainer") from None
 
 
+def clip_window_of(meta: dict[str, Any]) -> tuple[float, float]:
+    """The window training used at this step: ``clip_window`` [eps_min, eps_max] (the variance search's choice)
+    when recorded, else the configured diffusion.eps_min/eps_max."""
+    window = meta.get("clip_window")
+    if window is not None:
+        if not (isinstance(window, (list, tuple)) and len(window) == 2):
+            raise ValueError(f"metadata clip_window {window!r} is not [eps_min, eps_max]")
+        return float(window[0]), float(window[1])
+    d = meta["config"].get("diffusion", {})
+    return float(d.get("eps_min", 1e-3)), float(d.get("eps_max", 1.0))
+
+
 def gather_training_checkpoint(step_dir: Path, weights: str | None = None, log=print) -> SamplerCheckpoint:
     """Full fp32 weights of a training checkpoint: ``weights`` = "ema", "raw" or None (EMA when present)."""
     meta = ckpt.read_metadata(step_dir)  # refuses partial/truncated checkpoints
@@ -124,9 +136,7 @@ def gather_training_checkpoint(step_dir: Path, weights: str | None = None, log=p
             full = full[: cfg.vocab_size]  # rows beyond the vocabulary are TP padding
         state[name] = full.contiguous()
     check_state(cfg, state)
-    dcfg = meta["config"].get("diffusion", {})
-    window = meta.get("clip_window") or {}  # a learned window (variance search) wins over the configured one
-    clip = (float(window.get("eps_min", dcfg.get("eps_min", 1e-3))), float(window.get("eps_max", dcfg.get("eps_max", 1.0))))
+    clip = clip_window_of(meta)
     source = {"kind": "training-checkpoint", "path": str(step_dir.resolve()), "step": int(meta["step"]),
               "layout": meta["layout"], "weights": use}
     return SamplerCheckpoint(cfg, state, tokenizer=meta.get("tokenizer"), clip_window=clip, source=source)
@@ -147,7 +157,7 @@ def read_input(path: Path, step: int | None, weights: str | None, log=print) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/convert.py", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python tools/convert.py", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, type=Path, help="training checkpoint (root or step dir), or a "
                                                              "native/HF sampler folder")

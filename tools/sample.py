@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(text + "\n")
         if out_fh:
-            out_fh.write(json.dumps({"index": r.index, "text": text, "tokens": r.generated, "prompt": r.tokens[:r.prompt_len],
-                                     "length": len(r.generated), "nfe": r.nfe, "entropy": r.entropy,
-                                     "stop": r.stop, "seconds": r.seconds}) + "\n")
+            out_fh.write(json.dumps({"index": r.index, "text": text, "tokens": r.generated,
+                                     "prompt": r.tokens[:r.prompt_len], "length": len(r.generated), "nfe": r.nfe,
+                                     "entropy": r.entropy, "stop": r.stop, "seconds": r.seconds}) + "\n")
     if out_fh:
         out_fh.close()
     total = sum(len(r.generated) for r in results)

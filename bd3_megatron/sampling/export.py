@@ -225,8 +225,9 @@ def hf_expected_shapes(n_layers: int, hidden: int, vocab: int, cond: int, adaln:
     h, f = hidden, 4 * hidden
     out: dict[str, tuple[int, ...]] = {"backbone.vocab_embed.embedding": (vocab, h)}
     if adaln:
-        out.update({"backbone.sigma_map.mlp.0.weight": (cond, HF_TIMESTEP_DIM), "backbone.sigma_map.mlp.0.bias": (cond,),
-                    "backbone.sigma_map.mlp.2.weight": (cond, cond), "backbone.sigma_map.mlp.2.bias": (cond,)})
+        out.update({"backbone.sigma_map.mlp.0.weight": (cond, HF_TIMESTEP_DIM),
+                    "backbone.sigma_map.mlp.0.bias": (cond,), "backbone.sigma_map.mlp.2.weight": (cond, cond),
+                    "backbone.sigma_map.mlp.2.bias": (cond,)})
     for i in range(n_layers):
         p = f"backbone.blocks.{i}."
         out.update({p + "norm1.weight": (h,), p + "attn_qkv.weight": (3 * h, h), p + "attn_out.weight": (h, h),
@@ -356,8 +357,8 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
     for i in range(n):
         q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
         shift1, scale1, gate1, shift2, scale2, gate2 = mod_chunks(q + "adaLN_modulation", 6)
-        for nm, t in ((q + "adaLN_modulation.bias[scale_msa]", scale1), (q + "adaLN_modulation.bias[scale_mlp]", scale2)):
-            zero(nm, t)
+        zero(q + "adaLN_modulation.bias[scale_msa]", scale1)
+        zero(q + "adaLN_modulation.bias[scale_mlp]", scale2)
         for nm, t in ((q + "adaLN_modulation.bias[gate_msa]", gate1), (q + "adaLN_modulation.bias[gate_mlp]", gate2)):
             _require(bool(torch.all(t == 1)), f"{where}: {nm} is not all ones; a gated residual has no exact "
                                               f"counterpart in this model")
@@ -384,8 +385,7 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
         _require(vocab in HF_KNOWN_VOCABS, f"{where}: vocab_size {vocab} matches neither reference vocabulary "
                                            f"({', '.join(map(str, HF_KNOWN_VOCABS))}); the mask id is unknown")
         tokenizer, mask_id = HF_KNOWN_VOCABS[vocab]
-    eps = (float(s["sampling_eps_min"]) if "sampling_eps_min" in s else float(config.get("sampling_eps_min", 1e-3)),
-           float(s["sampling_eps_max"]) if "sampling_eps_max" in s else float(config.get("sampling_eps_max", 1.0)))
+    eps = tuple(_clip_value(config, s, k, d) for k, d in (("sampling_eps_min", 1e-3), ("sampling_eps_max", 1.0)))
     net_cfg = NetConfig(num_layers=n, hidden_size=h, num_heads=heads, ffn_hidden_size=4 * h, vocab_size=vocab,
                         mask_token_id=int(mask_id), seq_len=int(config["model_length"]),
                         block_size=int(config["block_size"]))
@@ -395,6 +395,16 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
                      "and time_conditioning is false)")
     source = dict(extra_cfg.get("source") or {}, imported_from="hf")
     return SamplerCheckpoint(net_cfg, out, tokenizer=tokenizer, clip_window=eps, source=source, notes=notes)
+
+
+def _clip_value(config: dict[str, Any], state: dict[str, torch.Tensor], key: str, default: float) -> float:
+    """The learned window lives in the 0-d fp32 buffer; config.json's value is used when it is the same number
+    at full precision (so a round trip keeps e.g. 0.2 rather than 0.20000000298)."""
+    cfg_value = float(config.get(key, default))
+    if key not in state:
+        return cfg_value
+    buf = state[key].float()
+    return cfg_value if torch.tensor(cfg_value, dtype=torch.float32) == buf else float(buf)
 
 
 def load_hf(folder: str | Path) -> SamplerCheckpoint:

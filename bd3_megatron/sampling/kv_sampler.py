@@ -7,8 +7,9 @@ prompt) and is denoised by one of three schedules, all sharing the same proposal
   probability (t-s)/t (the reference's q = p·(1-s/t), q[MASK] = s/t). The model has no time input, so its
   x0-prediction is reused while the block is unchanged: a step that reveals nothing costs no forward pass.
 * ``first_hitting``: one uniformly chosen masked token is revealed per forward pass (the reference default).
-* ``threshold``: every masked token whose proposal has model probability > C is revealed, at least the most
-  confident one per pass (confidence-threshold parallel decoding: fewer forward passes).
+* ``threshold``: every masked token whose most likely value has probability > C is revealed (its token drawn by
+  the proposal rule; with C >= the nucleus p that is the confident token), at least the most confident one per
+  pass (confidence-threshold parallel decoding: fewer forward passes).
 
 The network is reached through a *denoiser*, which owns the context of clean tokens:
 
@@ -18,7 +19,11 @@ The network is reached through a *denoiser*, which owns the context of clean tok
   attending to [cache ; itself] (M_BC) and its K/V appended. That clean pass is fused into the first forward of the
   next block (one call, masked so each half sees what it would see alone), so it costs no extra call.
 
-Both give the same logits on the same context, so cached and uncached sampling give the same tokens. Beyond the
+Both compute the same function, so cached and uncached sampling give the same tokens; in floating point their
+logits differ by round-off (~1e-6 in fp32: other kernel shapes), so a draw that lands within that distance of a CDF
+boundary can go the other way — negligible for peaked distributions, about one draw in a few thousand for the flat,
+thousands-of-tokens nuclei of an untrained model. Near-ties in the threshold schedule's choice of position and in
+greedy argmax are broken by a tolerance (leftmost / lowest id), so round-off cannot decide them. Beyond the
 training context L the window slides by whole blocks and positions are re-based to 0: with recomputation this is
 exact (the model sees a window like those of training); cached K/V were computed with context that has since left
 the window, so the cached variant is then an approximation — as in the reference implementation.
@@ -39,10 +44,10 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from bd3_megatron.sampling.block_sampler import nucleus_filter
 from bd3_megatron.sampling.net import BD3Net, KVCache
 
 SCHEDULES = ("ddpm", "first_hitting", "threshold")
+CONF_TIE = 1e-6  # confidences this close are equal for the threshold schedule's fallback choice
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,8 @@ class Denoiser(Protocol):
 
     def start(self, prefix: torch.Tensor) -> None: ...  # clean context [b, P], P a multiple of L', P <= capacity
 
-    def logits(self, block: torch.Tensor) -> torch.Tensor: ...  # [b, L'] -> fp32 logits [b, L', V]
+    def logits(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+    # block [b, L'] -> fp32 logits [len(rows), L', V] of those batch rows (the network runs on all rows)
 
     def commit(self, block: torch.Tensor) -> None: ...  # the finished block joins the clean context
 
@@ -150,11 +156,12 @@ class RecomputeDenoiser:
     def start(self, prefix: torch.Tensor) -> None:
         self.ctx = prefix
 
-    def logits(self, block: torch.Tensor) -> torch.Tensor:
+    def logits(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         p = self.ctx.shape[1]
         x = torch.cat([self.ctx, block], dim=1)  # earlier noisy blocks hold their clean tokens (never read)
-        return self.net.bd3_logits(x, x, p, p + self.block_size, block_size=self.block_size)
+        hidden = self.net.bd3_hidden(x, x, block_size=self.block_size)
+        return self.net.logits(hidden.index_select(0, rows)[:, p:p + self.block_size])
 
     def commit(self, block: torch.Tensor) -> None:
         ctx = torch.cat([self.ctx, block], dim=1)
@@ -180,7 +187,7 @@ class CachedDenoiser:
                              self.param.device, self.param.dtype)
         self.pending = prefix if prefix.shape[1] else None
 
-    def _call(self, block: torch.Tensor | None) -> torch.Tensor | None:
+    def _call(self, block: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """One network call over [pending ; block]: pending tokens attend to [cache ; pending] block-causally
         (M_BC) and are appended; the block attends to the window after eviction plus itself (M_OBC + M_BD)."""
         cache, lb = self.cache, self.block_size
@@ -204,10 +211,10 @@ class CachedDenoiser:
         cache.length = t + n_p
         cache.drop_oldest(evict, self.net)
         self.pending = None
-        return None if block is None else self.net.logits(hidden[:, n_p:])
+        return None if block is None else self.net.logits(hidden.index_select(0, rows)[:, n_p:])
 
-    def logits(self, block: torch.Tensor) -> torch.Tensor:
-        return self._call(block)
+    def logits(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self._call(block, rows)
 
     def commit(self, block: torch.Tensor) -> None:
         if self.pending is not None:  # never two pending commits: compute the older one now
@@ -221,19 +228,45 @@ class CachedDenoiser:
 
 
 # ---------------------------------------------------------------------------------------------- proposals
-def propose(logits: torch.Tensor, gen: torch.Generator, nucleus_p: float, greedy: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token proposals [k] for logits [k, V] and their model probabilities (before nucleus filtering).
-    Sampling is an inverse-CDF draw in fp64 with one uniform per position from the sample's generator."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    if greedy:
-        tokens = probs.argmax(-1)
+def _nucleus(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [k, m], token ids [k, m]): the smallest set of most probable tokens whose mass reaches p (always
+    the top one), most probable first. Exact without sorting the vocabulary: the tokens with probability >= c
+    are a prefix of the sorted order, so once their mass reaches p they contain the nucleus and only they need
+    ordering (c starts at the 64th largest probability and is divided by 8 until that holds)."""
+    v = probs.shape[-1]
+    vals, ids = probs.topk(min(v, 64), dim=-1)
+    if bool((vals.sum(-1) >= p).all()):
+        cut = None
     else:
-        filt = nucleus_filter(probs, nucleus_p)
-        cdf = filt.cumsum(-1)
-        u = torch.rand(logits.shape[0], 1, generator=gen, dtype=torch.float64, device=logits.device)
-        tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-    return tokens, probs.gather(-1, tokens[:, None]).squeeze(1)
+        cut = vals[:, -1:].clone()
+        for _ in range(64):
+            short = (probs * (probs >= cut)).sum(-1, keepdim=True) < p
+            if not bool(short.any()):
+                break
+            cut = torch.where(short, cut / 8, cut)
+        else:
+            cut.zero_()  # flat beyond float range: take everything
+        vals, ids = probs.topk(int((probs >= cut).sum(-1).max()), dim=-1)
+    keep = (vals.cumsum(-1) - vals) < p  # tokens before which the mass is still below p
+    keep[:, 0] = True
+    return vals * keep, ids
+
+
+def propose(logits: torch.Tensor, gen: torch.Generator, nucleus_p: float, greedy: bool) -> torch.Tensor:
+    """Token proposals [k] for logits [k, V]: the most probable token, or an inverse-CDF draw (fp64, one uniform per
+    position from the sample's own generator) from the nucleus-filtered distribution."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    if greedy:  # the lowest id among tokens within CONF_TIE of the maximum: immune to round-off between paths
+        top = probs.amax(-1, keepdim=True)
+        return (probs >= top - CONF_TIE).to(torch.uint8).argmax(-1)
+    if nucleus_p < 1.0:
+        weights, ids = _nucleus(probs, nucleus_p)
+    else:
+        weights, ids = probs, None
+    cdf = weights.cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=gen, dtype=torch.float64, device=logits.device)
+    j = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (j if ids is None else ids.gather(-1, j)).squeeze(1)
 
 
 def denoise_block(denoiser: Denoiser, block: torch.Tensor, gens: list[torch.Generator], opts: SampleOptions,
@@ -251,13 +284,12 @@ def denoise_block(denoiser: Denoiser, block: torch.Tensor, gens: list[torch.Gene
         if not todo or (opts.schedule == "ddpm" and step >= steps):
             break
         need = [r for r in todo if not fresh[r]]
-        if need:
-            out = denoiser.logits(block)
+        if need:  # the network runs on every row; the head only for rows whose prediction is stale
+            idx = torch.tensor(need, device=block.device)
+            out = denoiser.logits(block, idx)
             if cached is None:
-                cached = out
-            else:
-                idx = torch.tensor(need, device=out.device)
-                cached[idx] = out[idx]
+                cached = out.new_empty((b, *out.shape[1:]))
+            cached[idx] = out
             for r in need:
                 fresh[r] = True
                 nfe[r] += 1
@@ -270,19 +302,19 @@ def denoise_block(denoiser: Denoiser, block: torch.Tensor, gens: list[torch.Gene
                 pos = pos[u < (t - s) / t] if s > 0 else pos  # the last step reveals everything left
                 if pos.numel() == 0:
                     continue  # unchanged: the x0-prediction stays valid
-                tok, _ = propose(cached[r, pos], g, opts.nucleus_p, opts.greedy)
             elif opts.schedule == "first_hitting":
                 j = int(torch.randint(pos.numel(), (1,), generator=g, device=block.device))
                 pos = pos[j:j + 1]
-                tok, _ = propose(cached[r, pos], g, opts.nucleus_p, opts.greedy)
-            else:  # threshold
-                tok, conf = propose(cached[r, pos], g, opts.nucleus_p, opts.greedy)
+            else:  # threshold: confidence = probability of the most likely token at the position
+                conf = torch.softmax(cached[r, pos].double(), dim=-1).amax(-1)
                 keep = conf > opts.threshold
-                if not keep.any():
-                    keep = conf == conf.max()
-                    keep &= keep.cumsum(0) == 1  # exactly one on ties
-                pos, tok = pos[keep], tok[keep]
-            block[r, pos] = tok
+                if not keep.any():  # at least one token per pass: the most confident, where confidences
+                    # closer than 1e-6 count as tied (leftmost wins), so round-off between the cached and the
+                    # recomputed forward cannot change the choice (e.g. a fully masked block without context)
+                    keep = torch.zeros_like(keep)
+                    keep[int((conf >= conf.max() - CONF_TIE).nonzero()[0])] = True
+                pos = pos[keep]
+            block[r, pos] = propose(cached[r, pos], g, opts.nucleus_p, opts.greedy)
             fresh[r] = False
         step += 1
     return block
@@ -342,7 +374,8 @@ def generate(net: BD3Net, num_samples: int, opts: SampleOptions, prompt: Sequenc
     cur, tail = full, prompt_t[:, full:]
     while active:
         block = torch.full((len(active), lb), mask_id, dtype=torch.long)
-        block[:, : tail.shape[1]] = tail[active] if tail.shape[1] else block[:, :0]
+        if tail.shape[1]:  # first block: the prompt's tail is given, the rest is masked
+            block[:, : tail.shape[1]] = tail[active]
         block = block.to(device)
         act_nfe = [nfe[i] for i in active]
         block = denoise_block(denoiser, block, [gens[i] for i in active], opts, mask_id, act_nfe)

@@ -22,6 +22,7 @@ from torch import nn
 
 from bd3_megatron.diffusion.masks import bd3_mask
 
+
 @dataclass(frozen=True)
 class NetConfig:
     """Everything needed to rebuild the network (and to decode its output)."""
@@ -61,7 +62,6 @@ class NetConfig:
         if missing:
             raise ValueError(f"model config lacks {', '.join(missing)}; the checkpoint's config.json is incomplete")
         return cls(**{k: v for k, v in d.items() if k in names})
-
 
 
 def expected_shapes(cfg: NetConfig) -> dict[str, tuple[int, ...]]:
@@ -132,18 +132,16 @@ class BD3Net(nn.Module):
         self.embedding = _Embedding(cfg)
         self.decoder = _Decoder(cfg)
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        hd = cfg.head_dim
-        # same table as the training model's SharedRotary (fp32), so positions give identical angles
-        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        never = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-        never[cfg.mask_token_id] = True  # SUBS: the mask token is never predicted
-        self.register_buffer("never_predict", never, persistent=False)
 
     # ---- rotary ----
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The training model's SharedRotary table, always fp32 (not a buffer, so ``.to(bfloat16)`` keeps it)."""
+        hd = self.cfg.head_dim
+        return (1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))).to(device)
+
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [S, head_dim] (fp32) for integer positions [S]."""
-        freqs = torch.outer(positions.to(self.inv_freq.device, torch.float32), self.inv_freq)
+        freqs = torch.outer(positions.to(torch.float32), self.inv_freq(positions.device))
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -155,7 +153,7 @@ class BD3Net(nn.Module):
         """Re-base post-rotary keys by ``-delta`` positions (RoPE rotations compose): used when the sliding
         window drops its oldest block, so cached keys keep positions 0.. like a recomputed window."""
         ang = torch.outer(torch.tensor([-float(delta)], dtype=torch.float64, device=k.device),
-                          self.inv_freq.to(k.device, torch.float64))
+                          self.inv_freq(k.device).double())
         emb = torch.cat((ang, ang), dim=-1)
         return self._rope(k, emb.cos().float(), emb.sin().float())
 
@@ -192,19 +190,24 @@ class BD3Net(nn.Module):
         return self.decoder.final_layernorm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [..., V]; the mask token is -inf (SUBS)."""
-        return self.output_layer(hidden).float().masked_fill(self.never_predict, float("-inf"))
+        """fp32 logits [..., V]; the mask token is -inf (SUBS: never predicted; padding rows were dropped)."""
+        logits = self.output_layer(hidden).float()
+        logits[..., self.cfg.mask_token_id] = float("-inf")
+        return logits
 
     def bd3_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None,
                    block_size: int | None = None) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) of the forward over x_t ⊕ x0 (each [b, P],
         P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask: the training forward."""
+        end = xt.shape[1] if end is None else end
+        return self.logits(self.bd3_hidden(xt, x0, block_size)[:, start:end])
+
+    def bd3_hidden(self, xt: torch.Tensor, x0: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+        """Final hidden states [b, 2P, h] of the x_t ⊕ x0 forward (see :meth:`bd3_logits`)."""
         p = xt.shape[1]
-        end = p if end is None else end
         pos = torch.arange(p, device=xt.device)
         mask = bd3_mask(p, block_size or self.cfg.block_size, device=xt.device)
-        hidden = self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask)
-        return self.logits(hidden[:, start:end])
+        return self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask)
 
 
 class KVCache:
@@ -241,12 +244,6 @@ def build_net(cfg: NetConfig, state: dict[str, torch.Tensor] | None = None,
     with torch.device("meta"):  # no throw-away random init of large matrices
         net = BD3Net(cfg)
     net = net.to_empty(device=device)
-    # non-persistent buffers are not in the state dict: recompute them on the real device
-    hd = cfg.head_dim
-    net.inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)).to(device)
-    never = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-    never[cfg.mask_token_id] = True
-    net.never_predict = never.to(device)
     if state is not None:
         want = expected_shapes(cfg)
         missing = sorted(set(want) - set(state))
