@@ -23,7 +23,7 @@ GPU_SCRIPTS = {  # script -> (config, total GPUs, default micro batch)
     "slurm/lm1b_l4_32gpu.sh": ("configs/lm1b_l4.yaml", 32, 16),
 }
 ALL_SCRIPTS = [*GPU_SCRIPTS, "slurm/tiny_cpu.sh"]
-BLOCK_MARK = "# ---- common launch block"
+LAUNCH = ROOT / "slurm/launch.sh"
 
 
 def directives(text: str) -> dict[str, str]:
@@ -67,7 +67,8 @@ def config_from_argv(argv: list[str]):
     return load_config(ROOT / argv[1], argv[2:])
 
 
-@pytest.mark.parametrize("script", [*ALL_SCRIPTS, "scripts/ci_slurm.sh", "scripts/slurm_local_cluster.sh"])
+@pytest.mark.parametrize("script", [*ALL_SCRIPTS, "slurm/launch.sh", "scripts/ci_slurm.sh",
+                                    "scripts/slurm_local_cluster.sh"])
 def test_bash_syntax(script):
     res = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -95,22 +96,23 @@ def test_gpu_directives_match_recipe_layout(script):
 
 @pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_every_environment_setting_is_documented(script):
-    text = (ROOT / script).read_text()
+    own = (ROOT / script).read_text()
+    text = own + LAUNCH.read_text()  # what the script reads itself and through the shared launch
     read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-+]", text)) - {"SLURM_SUBMIT_DIR"}
     read = {v for v in read if not v.startswith("SLURM_")}
     assert {"CONFIG", "DATA_PATH", "RUN_DIR", "CKPT_DIR", "WANDB_PROJECT", "CONTAINER", "VENV", "PYTHON"} <= read
-    undocumented = sorted(v for v in read if v not in header(text))
+    undocumented = sorted(v for v in read if v not in header(own))
     assert not undocumented, f"{script} reads {undocumented} but its header does not document them"
     if script in GPU_SCRIPTS:
         for nccl in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
-            assert nccl in header(text)
-        assert "SBATCH_PARTITION" in header(text) and "SBATCH_ACCOUNT" in header(text)
+            assert nccl in header(own)
+        assert "SBATCH_PARTITION" in header(own) and "SBATCH_ACCOUNT" in header(own)
 
 
-def test_launch_block_is_shared():
-    blocks = {s: (ROOT / s).read_text().split(BLOCK_MARK, 1)[1] for s in ALL_SCRIPTS}
-    first = blocks[ALL_SCRIPTS[0]]
-    assert all(b == first for b in blocks.values()), "the common launch blocks differ: copy the edited one to all"
+def test_every_recipe_sources_the_shared_launch():
+    for script in ALL_SCRIPTS:
+        text = (ROOT / script).read_text()
+        assert text.rstrip().endswith('source "$launch_sh"') and "srun" not in text.split("set -euo pipefail")[1]
 
 
 def test_new_configs_load_with_paper_values():
