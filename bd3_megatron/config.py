@@ -42,6 +42,9 @@ class ModelConfig:
     dropout: float = 0.1
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
     recompute: bool = False  # full activation checkpointing of each layer
+    # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one
+    # t per sequence) and ar (causal next-token prediction; the diffusion settings are unused)
+    mode: str = "bd3"
 
 
 @dataclass
@@ -126,6 +129,7 @@ class LogConfig:
     interval: int = 10
     wandb: bool = False
     wandb_project: str = "bd3-megatron"
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online
     progress: bool = True  # one-line progress bar on a terminal
     # warn when the per-block NELBO variance exceeds this x its running mean (0: off); the 1/t weight makes single
     # steps heavy-tailed, so only large jumps are worth a line
@@ -302,6 +306,10 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(m.attention_backend in ("auto", "sdpa", "flex"),
              f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}")
+    _require(m.mode in ("bd3", "mdlm", "ar"), f"model.mode must be bd3|mdlm|ar, got {m.mode!r}")
+    _require(m.mode != "mdlm" or m.block_size == m.seq_len,
+             f"model.mode=mdlm needs model.block_size = model.seq_len ({m.seq_len}), got {m.block_size}")
+    _require(m.mode != "ar" or not d.clip_search, "diffusion.clip_search has no meaning for model.mode=ar")
     _require(d.schedule == "loglinear", f"diffusion.schedule must be 'loglinear', got {d.schedule!r}")
     _require(0.0 < d.eps_min <= d.eps_max <= 1.0,
              f"diffusion window needs 0 < eps_min <= eps_max <= 1, got [{d.eps_min}, {d.eps_max}]")
@@ -340,6 +348,7 @@ def validate(cfg: Config) -> None:
              f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); use 0 or 1")
     _require(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep >= 0, "checkpoint.interval/keep must be >= 0")
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
+    _require(cfg.log.wandb_mode in ("offline", "online"), f"log.wandb_mode must be offline|online, got {cfg.log.wandb_mode!r}")
     s = cfg.sample
     _require(s.num_samples >= 0 and s.steps >= 1, "sample.num_samples must be >= 0 and sample.steps >= 1")
     _require(0.0 < s.nucleus_p <= 1.0, f"sample.nucleus_p must be in (0, 1], got {s.nucleus_p}")

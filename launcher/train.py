@@ -26,9 +26,10 @@ def print_samples(trainer, cfg) -> None:
     s, ctx = cfg.sample, trainer.ctx
     if s.num_samples == 0 or ctx.dp_rank != 0:  # the tensor-parallel ranks of one replica sample together
         return
-    if ctx.pp > 1:
+    if ctx.pp > 1 or cfg.model.mode != "bd3":
         if ctx.is_logging_rank:
-            print("samples: skipped (in-training sampling needs pp=1; sample from the checkpoint with tools/sample.py)")
+            print("samples: skipped (in-training sampling is for bd3 models with pp=1; for pp>1 sample from the "
+                  "checkpoint with tools/sample.py)")
         return
     model = trainer.model
     model.eval()

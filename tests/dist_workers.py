@@ -54,6 +54,7 @@ def train_layout(rank: int, world: int, layout, cache_dir: str, log_dir: str, st
         val = trainer.evaluate()
         out = gather_weights(trainer)
         out.update(losses=[r["loss"] for r in records], grad_norms=[r["grad_norm"] for r in records],
+                   grad_vars=[r.get("grad_var") for r in records],
                    val=val, last_stage=trainer.ctx.is_last_stage)
         return out
 

@@ -30,6 +30,8 @@ def test_layout_matches_single_process(layout, reference, data_cache, tmp_path):
     torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(last["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
     assert last["val"]["val_nelbo"] == pytest.approx(ref["val"]["val_nelbo"], rel=1e-5)
+    # the gradient-variance probe sees the same per-micro-batch gradients under every layout
+    torch.testing.assert_close(torch.tensor(last["grad_vars"]), torch.tensor(ref["grad_vars"]), rtol=1e-4, atol=0)
     weights = merge_full_weights(results)
     assert set(weights) == set(ref_weights)
     for name, w in weights.items():

@@ -65,6 +65,9 @@ def resolve_step_dir(path: Path, step: int | None) -> Path:
 def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
     try:
         m = meta["config"]["model"]
+        if m.get("mode", "bd3") != "bd3":
+            raise ValueError(f"this checkpoint is a model.mode={m['mode']} baseline; the sampler checkpoint format "
+                             f"holds bd3 models only (evaluate baselines with tools/eval_ppl.py)")
         return NetConfig(num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_heads=m["num_heads"],
                          ffn_hidden_size=m.get("ffn_hidden_size") or 4 * m["hidden_size"],
                          vocab_size=int(meta["vocab_size"]), mask_token_id=int(meta["mask_token_id"]),

@@ -2,7 +2,8 @@
 
 Reads ``RUN_DIR/metrics.jsonl`` (also while the run is still writing it: an incomplete last line is skipped) and
 writes PNGs next to it under ``RUN_DIR/report/``: loss and validation NELBO, per-block NELBO variance, the clip-window
-scores of the latest search with the chosen window over time, and the loss per t bucket.
+scores of the latest search with the chosen window over time, the gradient variance across micro-batches and the loss
+per t bucket.
 """
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def make_report(run_dir: Path) -> list[Path]:
     ax.plot(*series(records, "nelbo_block_var"), lw=0.8)
     ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("variance of per-block NELBO estimates (train)")
     save(fig, "block_variance.png")
+
+    if series(records, "grad_var")[0]:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+        a1.plot(*series(records, "grad_var"), lw=0.8)
+        a1.set_yscale("log"), a1.set_xlabel("step"), a1.set_title("gradient variance across micro-batches (probe)")
+        a2.plot(*series(records, "grad_noise_ratio"), lw=0.8)
+        a2.set_yscale("log"), a2.set_xlabel("step"), a2.set_title("gradient noise / signal (probe)")
+        save(fig, "gradient_variance.png")
 
     searches = [r for r in records if any(k.startswith("clip_var/") for k in r)]
     if searches:

@@ -39,6 +39,7 @@ class BD3Spec:
     block_size: int  # L'
     attention_backend: str = "auto"  # auto | sdpa | flex
     vocab_multiple: int = 128
+    mode: str = "bd3"  # bd3 (x_t ⊕ x0) | mdlm (x_t alone, bidirectional) | ar (x0 alone, causal, next token)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -143,34 +144,61 @@ class BD3Model(MegatronModule):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits[..., : self.spec.vocab_size]
 
+    def _stream_mask(self, seq_len: int, device: torch.device):
+        """Attention mask of the input stream: the BD3 mask for x_t ⊕ x0, or for the baselines the slices of the
+        same mask function: L'=L noisy half (MDLM, bidirectional) and the L'=1 clean half (AR, causal)."""
+        if self.spec.mode == "bd3":
+            return self.bd3_attention_mask(seq_len, device)
+        key = (self.spec.mode, seq_len, str(device))
+        if key not in self._masks:
+            if self.spec.mode == "mdlm":
+                self._masks[key] = masks.bd3_mask(seq_len, seq_len, device=device)[:seq_len, :seq_len]
+            else:
+                self._masks[key] = masks.block_causal_mask(seq_len, 1, device=device)
+        return self._masks[key]
+
     def _bd3_hidden(self, xt, x0):
-        seq_len = (xt if xt is not None else x0).shape[1] if self.pre_process else None
-        if seq_len is None:  # later pipeline stages infer L from the received activations [2L, b, h]
-            seq_len = self.decoder.input_tensor.shape[0] // 2
+        """Hidden states of this stage and L. bd3 runs x_t ⊕ x0 (2L tokens, positions shared by both halves);
+        mdlm runs x_t alone and ar x0 alone (L tokens)."""
+        streams = 2 if self.spec.mode == "bd3" else 1
+        if self.pre_process:
+            seq_len = (x0 if x0 is not None else xt).shape[1]
+        else:  # later pipeline stages infer L from the received activations [streams*L, b, h]
+            seq_len = self.decoder.input_tensor.shape[0] // streams
         device = self.rotary.inv_freq.device
         positions = torch.arange(seq_len, device=device)
-        ids = torch.cat([xt, x0], dim=1) if self.pre_process else None
-        return self.encode(ids, torch.cat([positions, positions]), self.bd3_attention_mask(seq_len, device)), seq_len
+        ids = None
+        if self.pre_process:
+            ids = {"bd3": lambda: torch.cat([xt, x0], dim=1), "mdlm": lambda: xt, "ar": lambda: x0}[self.spec.mode]()
+        positions = positions.repeat(streams)
+        return self.encode(ids, positions, self._stream_mask(seq_len, device)), seq_len
 
     def forward(self, xt: torch.Tensor | None, x0: torch.Tensor | None, loss_mask: torch.Tensor | None = None):
-        """Training/eval forward over x_t ⊕ x0.
+        """Training/eval forward.
 
-        Returns hidden states [2L, b, h] on non-last pipeline stages; on the last stage the per-token
-        cross-entropy [b, L] (fp32) at ``loss_mask`` positions (the masked noisy tokens) and 0 elsewhere.
+        Returns hidden states on non-last pipeline stages; on the last stage the per-token cross-entropy [b, L]
+        (fp32) at ``loss_mask`` positions and 0 elsewhere: for bd3/mdlm the masked noisy tokens given the noisy
+        stream, for ar token l given x0[<l] (read from the hidden state at l-1; position 0 has no prediction).
         """
         hidden, seq_len = self._bd3_hidden(xt, x0)
         if not self.post_process:
             return hidden
-        noisy = hidden[:seq_len].transpose(0, 1)  # [b, L, h]; the clean half feeds attention only
-        ce = torch.zeros(loss_mask.shape, dtype=torch.float32, device=noisy.device)
+        out = hidden[:seq_len].transpose(0, 1)  # [b, L, h]; in bd3 the clean half feeds attention only
+        if self.spec.mode == "ar":  # the state at l-1 predicts token l
+            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+            loss_mask = loss_mask.clone()
+            loss_mask[:, 0] = False
+        ce = torch.zeros(loss_mask.shape, dtype=torch.float32, device=out.device)
         if loss_mask.any():
-            ce = ce.masked_scatter(loss_mask, self.head_cross_entropy(noisy[loss_mask], x0[loss_mask]))
+            ce = ce.masked_scatter(loss_mask, self.head_cross_entropy(out[loss_mask], x0[loss_mask]))
         return ce
 
     def block_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) given x_t ⊕ x0 (single-stage models only)."""
         if not (self.pre_process and self.post_process):
             raise RuntimeError("block_logits needs the whole model on one stage (pipeline size 1)")
+        if self.spec.mode != "bd3":
+            raise RuntimeError(f"block sampling is for bd3 models, this one is {self.spec.mode}")
         hidden, seq_len = self._bd3_hidden(xt, x0)
         return self.full_logits(hidden[start:end].transpose(0, 1))
 

@@ -15,7 +15,7 @@ def build_model(cfg: Config, ctx: ParallelContext, vocab_size: int, mask_token_i
         dropout=m.dropout, tp=ctx.tp, pp=ctx.pp, use_cpu_initialization=not ctx.runtime.is_cuda,
         recompute=m.recompute)
     spec = BD3Spec(vocab_size=vocab_size, mask_token_id=mask_token_id, seq_len=m.seq_len, block_size=m.block_size,
-                   attention_backend=m.attention_backend)
+                   attention_backend=m.attention_backend, mode=m.mode)
     model = BD3Model(tconf, spec, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     init_parameters(model, cfg.train.seed)
     return model.to(ctx.runtime.device)

@@ -48,6 +48,8 @@ class BatchMaker:
         """Training batches use the current window (``self.window``, moved by the clip search) with the configured
         resampling; evaluation passes its own window, and resampling only if asked."""
         d = self.cfg.diffusion
+        if self.cfg.model.mode == "ar":
+            return self._next_token_batch(x0.to(self.device), sample_index.to(self.device))
         if resample is None:
             resample = d.resample and window is None
         x0 = x0.to(self.device)
@@ -62,3 +64,13 @@ class BatchMaker:
         weight = token_nelbo(torch.ones_like(c.t_tokens), c.masked, c.t_tokens, self.schedule)
         return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), t=c.t,
                           sample_index=sample_index)
+
+    def _next_token_batch(self, x0: torch.Tensor, sample_index: torch.Tensor) -> MicroBatch:
+        """The AR baseline: predict every token but the first from its prefix. The weight L/(L-1) makes the mean over
+        all L tokens (the loss convention) equal the mean NLL of the L-1 predicted ones."""
+        b, seq = x0.shape
+        predicted = torch.ones_like(x0, dtype=torch.bool)
+        predicted[:, 0] = False
+        weight = predicted.float() * (seq / max(seq - 1, 1))
+        t = torch.ones(b, seq // self.cfg.model.block_size, device=x0.device)
+        return MicroBatch(x0=x0, xt=x0, masked=predicted, weight=weight, t=t, sample_index=sample_index)

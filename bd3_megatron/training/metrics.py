@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 class MetricsLogger:
     def __init__(self, log_dir: str | Path, enabled: bool, *, progress: bool = True, max_steps: int = 0,
-                 wandb_project: str | None = None, config: dict | None = None):
+                 wandb_project: str | None = None, wandb_mode: str = "offline", config: dict | None = None):
         self.enabled = enabled
         self.max_steps = max_steps
         self.tty = progress and sys.stdout.isatty()
@@ -25,7 +26,9 @@ class MetricsLogger:
         if wandb_project:
             import wandb
 
-            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.dir))
+            # WANDB_MODE in the environment (e.g. set by a Slurm site profile) wins over log.wandb_mode
+            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.dir),
+                                     mode=os.environ.get("WANDB_MODE", wandb_mode))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -92,9 +92,14 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        # gradient-variance probe: the final LayerNorm weight's gradient of each micro-batch (a small tensor every
+        # last-stage rank holds in full) is captured by a tensor hook, before any accumulation or reduction
+        self._probe_grads: list[torch.Tensor] = []
+        if ctx.is_last_stage:
+            self.model.decoder.final_layernorm.weight.register_hook(self._capture_probe_grad)
         self.logger = MetricsLogger(cfg.log.dir, ctx.is_logging_rank, progress=cfg.log.progress,
                                     max_steps=t.max_steps, wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
-                                    config=cfg.to_dict())
+                                    wandb_mode=cfg.log.wandb_mode, config=cfg.to_dict())
 
     # ------------------------------------------------------------------ forward/backward
     def _run_schedule(self, micro_batches: list[MicroBatch], forward_only: bool) -> list[dict]:
@@ -137,7 +142,7 @@ class Trainer:
                 reports.append(report)
         grad_norm, applied = self.engine.step()
         loss = self._mean_over_data_parallel(reports)
-        stats = self._nelbo_statistics(reports) if self.ctx.is_last_stage else {}
+        stats = {**self._nelbo_statistics(reports), **self._gradient_statistics()} if self.ctx.is_last_stage else {}
         if applied:  # decided from the global grad norm, so identical on every rank (the loss lives on the last stage)
             self.bad_steps = 0
             if self.ema is not None:
@@ -147,6 +152,25 @@ class Trainer:
             self.skipped_steps += 1
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps, **stats}
+
+    def _capture_probe_grad(self, grad: torch.Tensor) -> None:
+        self._probe_grads.append(grad.detach().float().clone())
+
+    def _gradient_statistics(self) -> dict:
+        """Variance of per-micro-batch gradients on the probe tensor across micro-batches and data-parallel ranks:
+        ``grad_var`` (mean over coordinates of the unbiased variance) and ``grad_noise_ratio`` = trace of the
+        covariance / squared norm of the mean gradient (large = noise-dominated steps)."""
+        grads, self._probe_grads = self._probe_grads, []
+        if not grads:
+            return {}
+        g = torch.stack(grads) * len(grads)  # hooks see d(loss / micro_batches); undo the averaging
+        if self.dp > 1:
+            g = self._gather_data_parallel(g)
+        if g.shape[0] < 2:
+            return {}
+        var = g.double().var(dim=0, unbiased=True)
+        mean = g.double().mean(dim=0)
+        return {"grad_var": float(var.mean()), "grad_noise_ratio": float(var.sum() / mean.pow(2).sum().clamp_min(1e-30))}
 
     def _nelbo_statistics(self, reports: list[dict], buckets: int = 10) -> dict:
         """Cheap live variance monitoring: mean and variance of the step's per-block NELBO estimates over all
