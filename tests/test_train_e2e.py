@@ -38,6 +38,20 @@ def metrics(log_dir: Path) -> dict[int, dict]:
     return out
 
 
+def kill_after_checkpoint(args: list[str], step: int, timeout: float = 240.0) -> None:
+    """Start a training run and SIGKILL it as soon as the step-``step`` checkpoint is published."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if "saved checkpoint" in line and f"step_{step:08d}" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_tiny_run_learns_logs_checkpoints_and_samples(tmp_path, data_cache):
     proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=40", "train.eval_interval=20",
                          "checkpoint.interval=20"))
@@ -63,17 +77,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
     want = metrics(tmp_path / "ref/log")
 
     killed_dir = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(tiny_args(killed_dir, data_cache, *common), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 240
-    for line in proc.stdout:  # kill as soon as the step-8 checkpoint is published
-        if "saved checkpoint" in line and "step_00000008" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.time() < deadline
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint(tiny_args(killed_dir, data_cache, *common), step=8)
     resumed = run(tiny_args(killed_dir, data_cache, *common, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step 8" in resumed.stdout
@@ -187,14 +191,7 @@ def test_resume_on_prepared_mds_shards_is_bit_identical(tmp_path, data_cache):
     assert ref.returncode == 0, ref.stderr[-3000:]
     want = metrics(tmp_path / "ref/log")
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(tiny_args(killed, data_cache, *common), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    for line in proc.stdout:
-        if "saved checkpoint" in line and "step_00000005" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    kill_after_checkpoint(tiny_args(killed, data_cache, *common), step=5)
     resumed = run(tiny_args(killed, data_cache, *common))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
     got = metrics(killed / "log")
