@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,40 +21,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_samples(trainer, cfg) -> None:
-    from bd3_megatron.sampling.block_sampler import sample
+    """Samples of the final checkpoint from the product sampler (plain-PyTorch BD3Net, exact KV cache), exactly as
+    ``tools/convert.py`` + ``tools/sample.py`` would draw them; any TP/PP layout, on global rank 0 alone."""
+    from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
+    from bd3_megatron.sampling.net import build_net
+    from bd3_megatron.sampling.training_checkpoint import read_input
 
     s, ctx = cfg.sample, trainer.ctx
-    if s.num_samples == 0 or ctx.dp_rank != 0:  # the tensor-parallel ranks of one replica sample together
+    if s.num_samples == 0 or ctx.rank != 0:
         return
-    if ctx.pp > 1 or cfg.model.mode != "bd3":
-        if ctx.is_logging_rank:
-            print("samples: skipped (in-training sampling is for bd3 models with pp=1; for pp>1 sample from the "
-                  "checkpoint with tools/sample.py)")
+    if cfg.model.mode != "bd3" or not cfg.checkpoint.dir:
+        why = "they are drawn from the final checkpoint (set checkpoint.dir)" if cfg.model.mode == "bd3" else \
+            f"model.mode={cfg.model.mode} is not a block diffusion model"
+        print(f"samples: skipped ({why})")
         return
-    model = trainer.model
-    model.eval()
-    if trainer.ema is not None:
-        trainer.ema.swap_into(trainer.named)
-    try:
-        def logits_fn(xt, x0, start, end):
-            with trainer.ctx.runtime.autocast(trainer.dtype):
-                return model.block_logits(xt, x0, start, end)
-
-        t0 = time.time()
-        tokens = sample(logits_fn, num_samples=s.num_samples, length=s.length or cfg.model.seq_len,
-                        block_size=cfg.model.block_size, context_len=cfg.model.seq_len,
-                        mask_id=trainer.tokenizer.mask_token_id, steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed,
-                        device=trainer.device)
-        took = time.time() - t0
-    finally:
-        if trainer.ema is not None:
-            trainer.ema.swap_into(trainer.named)
-    if not ctx.is_logging_rank:
-        return
-    print(f"\n=== {s.num_samples} samples ({tokens.shape[1]} tokens, block size {cfg.model.block_size}, "
-          f"{s.steps} steps/block, {took:.1f}s) ===", flush=True)
-    for i, row in enumerate(tokens.tolist()):
-        print(f"--- sample {i} ---\n{trainer.tokenizer.decode(row)}\n", flush=True)
+    ck = read_input(Path(cfg.checkpoint.dir), log=lambda msg: None)
+    net = build_net(ck.config, ck.state, device=trainer.device)
+    tok = trainer.tokenizer
+    length = s.length or cfg.model.seq_len
+    opts = SampleOptions(length=length - 1, steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed)
+    stats = generate(net, s.num_samples, opts, prompt=[tok.eos_token_id])  # start at a document boundary
+    print(f"\n=== {s.num_samples} samples of step {ck.source['step']} ({length} tokens, block size "
+          f"{cfg.model.block_size}, {s.steps} steps/block, KV cache, {stats.seconds:.1f}s) ===", flush=True)
+    for r in stats.results:
+        print(f"--- sample {r.index} ---  NFE {r.nfe}, entropy {r.entropy:.2f}\n{tok.decode(r.generated)}\n",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,3 +22,16 @@ def tiny_model(seq_len: int = 16, block_size: int = 4, layers: int = 2, hidden: 
 
 def random_tokens(b: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, MASK_ID, (b, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def sorted_nucleus_filter(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Reference top-p by a full sort: the smallest set of tokens whose mass reaches p (always the top one),
+    renormalised. The sampler's partial-ordering nucleus is tested against it."""
+    if p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    keep = (cum - sorted_p) < p  # tokens before which the mass is still below p
+    keep[..., 0] = True
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return filtered / filtered.sum(-1, keepdim=True)

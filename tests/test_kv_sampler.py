@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from bd3_megatron.sampling.block_sampler import nucleus_filter
 from bd3_megatron.sampling.kv_sampler import (CachedDenoiser, RecomputeDenoiser, SampleOptions, _nucleus, generate,
                                               propose, token_entropy)
 from bd3_megatron.sampling.net import BD3Net, NetConfig, build_net
+from tests.helpers import sorted_nucleus_filter
 
 VOCAB, MASK = 61, 60
 PROMPT = [1, 2, 3, 4, 5, 6]  # one full block of 4 plus a 2-token tail that the first block denoises around
@@ -225,7 +225,7 @@ def test_nucleus_is_exactly_the_sorted_prefix(temperature, p):
     logits = torch.randn(5, 8000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / temperature
     probs = torch.softmax(logits, -1)
     weights, ids = _nucleus(probs, p)
-    full = nucleus_filter(probs, p)
+    full = sorted_nucleus_filter(probs, p)
     for k in range(5):
         kept = ids[k][weights[k] > 0]
         assert set(kept.tolist()) == set(full[k].nonzero().squeeze(1).tolist())

@@ -126,8 +126,7 @@ def test_torchrun_launch(layout, tmp_path, data_cache):
     assert (tmp_path / "ckpt/latest").read_text().strip() == "step_00000004"
     saved = json.loads((tmp_path / "ckpt/step_00000004/metadata.json").read_text())["layout"]
     assert saved["tp"] * saved["pp"] * saved["dp"] == 2
-    if "pp" not in layout[0]:
-        assert "--- sample 0 ---" in proc.stdout
+    assert proc.stdout.count("--- sample 0 ---") == 1  # rank 0 samples the final checkpoint, any layout
 
 
 def _free_port() -> int:

@@ -30,6 +30,9 @@ def test_grid_matches_the_reference():
     assert ClipWindow(0.5, 1.0) in grid and ClipWindow(1e-3, 0.5) in grid and ClipWindow(0.1, 1.0) in grid
     assert all(w.eps_max - w.eps_min <= 0.9 + 1e-9 for w in grid[1:])
     assert window_label(ClipWindow(0.3, 0.8)) == "0.3-0.8"
+    # L'=1 (the reference): the unclipped window against (1, 1), in which the NELBO is the AR NLL
+    assert clip_window_grid([0.5, 0.6], 0.05, block_size=1) == [ClipWindow(), ClipWindow(1.0, 1.0)]
+    assert clip_window_grid([0.5], 0.05, block_size=4) == clip_window_grid([0.5], 0.05)
 
 
 def test_search_picks_the_known_minimiser():

@@ -4,9 +4,12 @@ NELBO perplexity (an upper bound on the true perplexity) of a training checkpoin
 validation rows, one t per (sequence, block) from the unclipped window, token-weighted over the split, EMA weights.
 ``--samples-per-seq K`` averages K independent noise draws per sequence (still a bound, lower variance).
 ``--block-size`` may differ from training: the weights do not depend on it, only the attention mask does.
-Optionally generative perplexity of samples under a local causal LM (``--gen-ppl-model PATH``, any Hugging Face
-causal-LM folder; nothing is downloaded) and their token entropy. Runs in one process (any saved TP/PP layout is
-merged on load).
+``--window BETA OMEGA`` evaluates under another clip window: with L'=1 and ``--window 1 1`` every token is masked and
+sees exactly its clean prefix, so the figure is the exact autoregressive NLL (the reference's L'=1 evaluation).
+Optionally the generative perplexity of samples (drawn with the KV-cache sampler) under a scorer
+(``--gen-ppl-model PATH``): this project's own AR baseline or L'=1 BD3 checkpoint (training checkpoint or
+tools/convert.py folder), or any local Hugging Face causal-LM folder; nothing is downloaded. Runs in one process
+(any saved TP/PP layout is merged on load).
 """
 from __future__ import annotations
 
@@ -16,8 +19,6 @@ import math
 import os
 import sys
 from pathlib import Path
-
-import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,9 +30,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: training micro batch)")
     p.add_argument("--max-rows", type=int, default=0, help="evaluate only the first N validation rows (0 = all)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--gen-ppl-model", default=None, help="local causal LM folder scoring generated samples")
+    p.add_argument("--window", type=float, nargs=2, metavar=("BETA", "OMEGA"), default=None,
+                   help="clip window for the NELBO (default: unclipped, 1e-3 1)")
+    p.add_argument("--gen-ppl-model", default=None,
+                   help="scorer for generated samples: this project's ar or L'=1 bd3 checkpoint, or a local HF "
+                        "causal-LM folder")
     p.add_argument("--num-samples", type=int, default=4, help="samples for generative perplexity")
-    p.add_argument("--sample-steps", type=int, default=16, help="denoising steps per block for those samples")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDPM steps per block (default: the block size)")
+    p.add_argument("--nucleus-p", type=float, default=0.9, help="top-p for those samples (the reference's 0.9)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
     return p.parse_args(argv)
 
@@ -68,37 +75,29 @@ def build_evaluator(args):
     return trainer, path, meta
 
 
-def nelbo_k_samples(trainer, k: int) -> list[float]:
+def nelbo_k_samples(trainer, k: int, window=None) -> list[float]:
     """Validation NELBO per token for k independent noise draws (draw 0 is the training run's evaluation noise)."""
-    return [trainer.evaluate(noise_draw=draw)["val_nelbo"] for draw in range(k)]
+    return [trainer.evaluate(noise_draw=draw, window=window)["val_nelbo"] for draw in range(k)]
 
 
-def token_entropy(ids: list[int]) -> float:
-    """Shannon entropy (nats) of a sample's token histogram, as the reference reports it."""
-    counts = torch.bincount(torch.tensor(ids)).double()
-    p = counts[counts > 0] / len(ids)
-    return float(-(p * p.log()).sum())
+def generated_texts(path, args, device) -> tuple[list[str], list[float]]:
+    """``--num-samples`` samples of the evaluated weights from the KV-cache sampler (fixed length, starting at a
+    document boundary, nucleus ``--nucleus-p``), decoded to text, with their token entropies."""
+    from bd3_megatron.sampling.kv_sampler import SampleOptions, generate, token_entropy
+    from bd3_megatron.sampling.net import build_net
+    from bd3_megatron.sampling.training_checkpoint import read_input
+    from data_pipeline.tokenizers import get_tokenizer
 
-
-def generative_ppl(texts: list[str], model_dir: str) -> list[float]:
-    """Per-sample perplexity of ``texts`` under a local causal LM (no network: local_files_only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(model_dir, "config.json").exists():
-        raise FileNotFoundError(f"--gen-ppl-model {model_dir} is not a Hugging Face model folder (no config.json)")
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
-    ctx = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", 1024)
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            ids = tok(text, return_tensors="pt").input_ids[:, :ctx]
-            if ids.shape[1] < 2:
-                out.append(float("nan"))
-                continue
-            loss = lm(ids, labels=ids).loss
-            out.append(math.exp(float(loss)))
-    return out
+    ck = read_input(path, weights="raw" if args.raw else None, log=lambda msg: None)
+    if ck.config.mode != "bd3":
+        raise ValueError(f"generative perplexity samples a bd3 model; this checkpoint is model.mode={ck.config.mode}")
+    tok = get_tokenizer(ck.tokenizer)
+    net = build_net(ck.config, ck.state, device=device)
+    block = args.block_size or ck.config.block_size
+    opts = SampleOptions(length=ck.config.seq_len - 1, block_size=block,
+                         steps=args.sample_steps, nucleus_p=args.nucleus_p, seed=args.seed)
+    results = generate(net, args.num_samples, opts, prompt=[tok.eos_token_id]).results
+    return [tok.decode(r.generated) for r in results], [token_entropy(r.generated) for r in results]
 
 
 def main(argv=None) -> int:
@@ -115,36 +114,46 @@ def main(argv=None) -> int:
         print("error: --samples-per-seq must be >= 1", file=sys.stderr)
         return 2
     try:
+        window = None
+        if args.window:
+            from bd3_megatron.diffusion.schedule import ClipWindow
+
+            if not 0.0 < args.window[0] <= args.window[1] <= 1.0:
+                raise ValueError(f"--window needs 0 < BETA <= OMEGA <= 1, got {args.window[0]:g} {args.window[1]:g}")
+            window = ClipWindow(*args.window)
         trainer, path, meta = build_evaluator(args)
         try:
-            draws = nelbo_k_samples(trainer, args.samples_per_seq)
+            if window is not None and trainer.cfg.model.mode == "ar":
+                raise ValueError("--window applies to diffusion models; an ar checkpoint's figure is its exact NLL")
+            draws = nelbo_k_samples(trainer, args.samples_per_seq, window)
             nelbo = sum(draws) / len(draws)
             result = {"checkpoint": str(path), "step": meta["step"], "block_size": trainer.cfg.model.block_size,
                       "val_rows": trainer._val_batch_count() * trainer.cfg.train.micro_batch_size,
                       "nelbo": nelbo, "ppl": math.exp(min(nelbo, 50.0)), "bpd": nelbo / math.log(2),
                       "samples_per_seq": args.samples_per_seq, "nelbo_draws": draws,
-                      "weights": "raw" if args.raw else "ema"}
+                      "weights": "raw" if args.raw else "ema",
+                      "window": [window.eps_min, window.eps_max] if window else [1e-3, 1.0]}
             if args.gen_ppl_model:
-                from bd3_megatron.sampling.block_sampler import sample
+                from bd3_megatron.sampling.scorer import generative_perplexity, load_scorer
 
-                m = trainer.model.eval()
-                tokens = sample(lambda xt, x0, a, b: m.block_logits(xt, x0, a, b), num_samples=args.num_samples,
-                                length=trainer.cfg.model.seq_len, block_size=trainer.cfg.model.block_size,
-                                context_len=trainer.cfg.model.seq_len, mask_id=trainer.tokenizer.mask_token_id,
-                                steps=args.sample_steps, seed=0, device=trainer.device)
-                texts = [trainer.tokenizer.decode(r) for r in tokens.tolist()]
-                ppls = generative_ppl(texts, args.gen_ppl_model)
-                result.update(gen_ppl=sum(ppls) / len(ppls), gen_ppl_per_sample=ppls,
-                              entropy=sum(token_entropy(r) for r in tokens.tolist()) / len(texts))
+                scorer = load_scorer(args.gen_ppl_model, device=trainer.device)
+                texts, entropies = generated_texts(path, args, trainer.device)
+                gen = generative_perplexity(scorer, texts)
+                result.update(gen_ppl=gen.mean, gen_ppl_token_weighted=gen.token_weighted,
+                              gen_ppl_per_sample=gen.per_sample, gen_ppl_tokens=gen.tokens, scorer=scorer.name,
+                              entropy=sum(entropies) / len(entropies), samples=texts)
         finally:
             state.shutdown()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    exact = window is not None and result["block_size"] == 1 and window.eps_min == window.eps_max == 1.0
     print(f"step {result['step']}  L'={result['block_size']}  rows {result['val_rows']}  K={args.samples_per_seq}  "
-          f"NELBO {result['nelbo']:.4f} nats/token  PPL <= {result['ppl']:.2f}")
+          f"window [{result['window'][0]:g}, {result['window'][1]:g}]  NELBO {result['nelbo']:.4f} nats/token  "
+          f"PPL {'=' if exact else '<='} {result['ppl']:.2f}")
     if "gen_ppl" in result:
-        print(f"generative PPL {result['gen_ppl']:.2f} ({args.num_samples} samples)  entropy {result['entropy']:.3f}")
+        print(f"generative PPL {result['gen_ppl']:.2f} (mean of {args.num_samples} samples; token-weighted "
+              f"{result['gen_ppl_token_weighted']:.2f}) under {result['scorer']}  entropy {result['entropy']:.3f}")
     print(json.dumps(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))

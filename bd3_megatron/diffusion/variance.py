@@ -15,11 +15,14 @@ import torch
 from bd3_megatron.diffusion.schedule import DEFAULT_EPS_MIN, ClipWindow
 
 
-def clip_window_grid(widths: Sequence[float], delta: float) -> list[ClipWindow]:
+def clip_window_grid(widths: Sequence[float], delta: float, block_size: int | None = None) -> list[ClipWindow]:
     """The reference's candidate windows: the unclipped (1e-3, 1) plus, for each width w, windows [s, s + w] for
-    s = 0, δ, 2δ, … ≤ 1 - w (lower ends floored at 1e-3). Widths 0.5..0.9 with δ = 0.05 give 36 windows."""
+    s = 0, δ, 2δ, … ≤ 1 - w (lower ends floored at 1e-3). Widths 0.5..0.9 with δ = 0.05 give 36 windows. With
+    block size 1 the reference compares only (1e-3, 1) and (1, 1), the window in which the NELBO is the AR NLL."""
     if delta <= 0:
         raise ValueError(f"clip search delta must be > 0, got {delta}")
+    if block_size == 1:
+        return [ClipWindow(), ClipWindow(1.0, 1.0)]
     windows = [ClipWindow()]
     for w in widths:
         if not 0.0 < w <= 1.0:

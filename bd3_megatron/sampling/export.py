@@ -249,6 +249,9 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     """(config.json dict, state dict) in the reference BD3LM layout; exact (no arithmetic on any weight)."""
     cfg, s = ckpt.config, ckpt.state
     h, heads, cond = cfg.hidden_size, cfg.num_heads, HF_COND_DIM
+    if cfg.mode != "bd3":
+        raise ValueError(f"the bd3lm HF layout holds block diffusion models; this is a model.mode={cfg.mode} "
+                         f"checkpoint (use --format native)")
     if cfg.ffn_hidden_size != 4 * h:
         raise ValueError(f"the reference BD3LM has a 4x MLP; this model has ffn_hidden_size {cfg.ffn_hidden_size} "
                          f"for hidden {h}, so it has no HF bd3lm form (use --format native)")

@@ -342,6 +342,9 @@ def generate(net: BD3Net, num_samples: int, opts: SampleOptions, prompt: Sequenc
     is aligned to the model's block grid, so a prompt tail shorter than a block is denoised around."""
     opts.validate()
     cfg = net.cfg
+    if cfg.mode != "bd3":
+        raise ValueError(f"this is a model.mode={cfg.mode} checkpoint; the block diffusion sampler needs a bd3 model "
+                         f"(an ar checkpoint scores samples: tools/eval_ppl.py --gen-ppl-model)")
     lb = opts.block_size or cfg.block_size
     context = opts.context_len or (cfg.seq_len // lb) * lb
     if context % lb or context < lb:

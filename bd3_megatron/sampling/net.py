@@ -3,12 +3,13 @@
 It computes exactly what the megatron-core model computes (pre-LN GPT layer, fp32 LayerNorm with bias, RoPE
 rotate-half over the full head dim with positions shared by the noisy and clean halves, GELU(tanh) MLP, no linear
 biases, untied head) and its parameter names are the training checkpoint's canonical names, so a converted state
-dict loads with ``load_state_dict(strict=True)``. Two entry points:
+dict loads with ``load_state_dict(strict=True)``. Entry points:
 
 * :meth:`BD3Net.bd3_logits` — the training-shaped forward over x_t ⊕ x0 with the BD3 mask (used by the uncached
   sampler and by the equivalence tests against the megatron model);
 * :meth:`BD3Net.run` — any token span at explicit positions, attending to a :class:`KVCache` of post-rotary K/V
-  plus itself under an optional mask (used by the KV-cache sampler).
+  plus itself under an optional mask (used by the KV-cache sampler);
+* :meth:`BD3Net.causal_hidden` — the AR baseline's causal forward over x0 (``mode="ar"``), for scoring.
 """
 from __future__ import annotations
 
@@ -37,8 +38,11 @@ class NetConfig:
     block_size: int  # L' used in training
     layernorm_eps: float = 1e-5
     rope_base: float = 10000.0
+    mode: str = "bd3"  # bd3 (block diffusion) | ar (the causal next-token baseline on the same backbone)
 
     def __post_init__(self) -> None:
+        if self.mode not in ("bd3", "ar"):
+            raise ValueError(f"model mode {self.mode!r} is not one the single-device network runs (bd3, ar)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
@@ -201,6 +205,13 @@ class BD3Net(nn.Module):
         P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask: the training forward."""
         end = xt.shape[1] if end is None else end
         return self.logits(self.bd3_hidden(xt, x0, block_size)[:, start:end])
+
+    def causal_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [b, S, h] of ``tokens`` [b, S] at positions 0..S-1 under a causal mask: the AR
+        baseline's forward (the state at l predicts token l+1)."""
+        s = tokens.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+        return self.run(tokens, torch.arange(s, device=tokens.device), attn_mask=causal)
 
     def bd3_hidden(self, xt: torch.Tensor, x0: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
         """Final hidden states [b, 2P, h] of the x_t ⊕ x0 forward (see :meth:`bd3_logits`)."""

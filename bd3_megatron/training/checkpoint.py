@@ -213,31 +213,70 @@ def layout_matches(meta: dict[str, Any], layout: Layout) -> bool:
     return (saved["tp"], saved["pp"], saved["dp"]) == (layout.tp, layout.pp, layout.dp)
 
 
-def _merge_tp(shards: list[torch.Tensor], dim: int | None) -> torch.Tensor:
-    return shards[0] if dim is None else torch.cat(shards, dim=dim)
+# How megatron-core splits each tensor across tensor-parallel ranks, for model files that do not record it.
+_DEFAULT_PARTITION = {"word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0,
+                      "linear_fc1.weight": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
 
 
-def load_full_weights(path: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Every model file of a checkpoint merged into full (unsharded) canonical tensors, for weights and EMA."""
-    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
-    shards: dict[str, list] = {}
-    ema_shards: dict[str, list] = {}
+def default_partition(name: str) -> int | None:
+    for suffix, dim in _DEFAULT_PARTITION.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def load_full_weights(path: Path, meta: dict[str, Any], log=None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Every model file of a checkpoint merged into full (unsharded) canonical tensors: the weights, and the EMA
+    (``{"decay", "num_updates", "shadow"}``) when every file has one. The one place TP/PP shards are merged (resume
+    with reshard, init_from, evaluation, convert). Tensor-parallel shards are concatenated along the dimension
+    the file records (megatron-core's default for older files); each tensor must come from exactly one pipeline stage
+    and from every tp rank. Vocabulary padding rows are kept (their count depends on tp). Replicated tensors that
+    differ between tp ranks are reported through ``log`` and taken from rank 0."""
+    tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
+    files = {(t, p): path / f"model_tp{t:02d}_pp{p:02d}.pt" for p in range(pp) for t in range(tp)}
+    missing = [f.name for f in files.values() if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path} (tp={tp}, pp={pp}) lacks {', '.join(missing)}")
+    shards: dict[str, dict[str, dict[int, torch.Tensor]]] = {"model": {}, "ema": {}}
+    owner: dict[str, int] = {}
     partition: dict[str, int | None] = {}
-    ema_meta = None
-    for p_rank in range(pp):
-        for t_rank in range(tp):
-            state = load_file(path / f"model_tp{t_rank:02d}_pp{p_rank:02d}.pt")
-            partition.update(state["tp_partition"])
-            for name, t in state["model"].items():
-                shards.setdefault(name, []).append(t)
-            if "ema" in state:
-                ema_meta = {"decay": state["ema"]["decay"], "num_updates": state["ema"]["num_updates"]}
-                for name, t in state["ema"]["shadow"].items():
-                    ema_shards.setdefault(name, []).append(t)
-    full = {n: _merge_tp(s, partition[n]) for n, s in shards.items()}
-    ema = None
-    if ema_meta is not None:
-        ema = dict(ema_meta, shadow={n: _merge_tp(s, partition[n]) for n, s in ema_shards.items()})
+    with_ema, ema_meta = 0, None
+    for (t, p), f in files.items():
+        state = load_file(f)
+        if not isinstance(state, dict) or "model" not in state:
+            raise CheckpointError(f"{f} has no 'model' entry; not a model shard")
+        recorded = state.get("tp_partition") or {}
+        for name, tensor in state["model"].items():
+            if owner.setdefault(name, p) != p:
+                raise CheckpointError(f"{name} appears in pipeline stages {owner[name]} and {p}")
+            shards["model"].setdefault(name, {})[t] = tensor
+            partition[name] = recorded[name] if name in recorded else default_partition(name)
+        if "ema" in state:
+            with_ema += 1
+            ema_meta = {"decay": state["ema"]["decay"], "num_updates": state["ema"]["num_updates"]}
+            for name, tensor in state["ema"]["shadow"].items():
+                shards["ema"].setdefault(name, {})[t] = tensor
+    if 0 < with_ema < len(files):
+        raise CheckpointError(f"{path}: only {with_ema} of {len(files)} model files hold EMA weights")
+
+    def merge(kind: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, by_rank in sorted(shards[kind].items()):
+            if sorted(by_rank) != list(range(tp)):
+                raise CheckpointError(f"{name} ({kind}): shards for tp ranks {sorted(by_rank)} of {tp}")
+            parts = [by_rank[r] for r in range(tp)]
+            if partition.get(name) is None:
+                for r, other in enumerate(parts[1:], start=1):
+                    if log is not None and not torch.equal(other, parts[0]):
+                        log(f"warning: replicated {name} differs between tp ranks 0 and {r} (max |diff| "
+                            f"{(other.float() - parts[0].float()).abs().max().item():.3g}); using rank 0")
+                out[name] = parts[0]
+            else:
+                out[name] = torch.cat(parts, dim=partition[name])
+        return out
+
+    full = merge("model")
+    ema = dict(ema_meta, shadow=merge("ema")) if with_ema else None
     return full, ema
 
 

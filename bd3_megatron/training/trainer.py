@@ -240,11 +240,12 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap_into(self.named)
 
-    def evaluate(self, noise_draw: int = 0) -> dict:
-        """Validation NELBO (window [1e-3, 1], fixed noise) with EMA weights, token-weighted over the batches; with
-        ``diffusion.clip_search`` also the clip-window search. ``noise_draw`` selects another fixed noise stream."""
+    def evaluate(self, noise_draw: int = 0, window: ClipWindow | None = None) -> dict:
+        """Validation NELBO (window [1e-3, 1] unless ``window``, fixed noise) with EMA weights, token-weighted over
+        the batches; with ``diffusion.clip_search`` also the clip-window search. ``noise_draw`` selects another fixed
+        noise stream."""
         with self._eval_weights():
-            reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), ClipWindow(),
+            reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), window or ClipWindow(),
                                                                  noise_draw=noise_draw), forward_only=True)
             search = self.clip_search() if self.cfg.diffusion.clip_search else {}
         sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports),
@@ -261,7 +262,7 @@ class Trainer:
         (gathered over data-parallel ranks), pick the minimiser on the last stage, share it with every rank and, unless
         ``fix_clipping``, train with it from now on. Call inside ``_eval_weights``."""
         d = self.cfg.diffusion
-        windows = clip_window_grid(d.clip_search_widths, d.clip_search_delta)
+        windows = clip_window_grid(d.clip_search_widths, d.clip_search_delta, self.cfg.model.block_size)
         n_batches = min(d.clip_search_batches or self._val_batch_count(), self._val_batch_count())
 
         def estimates(window: ClipWindow) -> list[torch.Tensor]:
