@@ -12,7 +12,6 @@ calls. Not a test: it prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bd3_megatron.parallel.device import device_name, local_device, synchronize  # noqa: E402
 from bd3_megatron.sampling.export import load_checkpoint  # noqa: E402
 from bd3_megatron.sampling.kv_sampler import SampleOptions, generate  # noqa: E402
 from bd3_megatron.sampling.net import NetConfig, build_net  # noqa: E402
@@ -48,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def net_device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 def load_net(args) -> tuple[torch.nn.Module, str]:
+    args.device = str(local_device(args.device))
     if args.checkpoint:
         ck = load_checkpoint(args.checkpoint)
         net = build_net(ck.config, ck.state, device=args.device)
@@ -72,12 +77,10 @@ def run_one(net, batch: int, block: int, cache: bool, threshold: float | None, a
                          context_len=(net.cfg.seq_len // block) * block)
     took = float("inf")
     for _ in range(max(1, args.repeat)):  # a shared machine: the fastest run is the least disturbed one
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(net_device(net))
         t0 = time.perf_counter()
         stats = generate(net, batch, opts)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(net_device(net))
         took = min(took, time.perf_counter() - t0)
     nfe = sum(r.nfe for r in stats.results) / batch
     return {"tok_s": stats.tokens / took, "nfe": nfe, "calls": stats.model_calls, "s": took}, \
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     net, desc = load_net(args)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = device_name(net_device(net))
     print(f"# sampler bench: {desc}")
     print(f"device {args.device} ({device}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.dtype}, {args.length} generated tokens per sample, DDPM steps = L', nucleus {args.nucleus_p}, "

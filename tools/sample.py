@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from bd3_megatron.parallel.device import local_device
     from bd3_megatron.sampling.export import load_checkpoint
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
     from bd3_megatron.sampling.net import build_net
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--num-samples and --batch-size must be >= 1")
         if args.threads:
             torch.set_num_threads(args.threads)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = local_device(args.device)
         ck = load_checkpoint(args.checkpoint)
         net = build_net(ck.config, ck.state, device=device)
         if args.dtype == "bf16":

@@ -1,7 +1,8 @@
 """The one switch between GPU (CUDA + NCCL) and CPU (gloo) execution.
 
-Every device decision in the project goes through :func:`select_runtime`; no other module calls ``torch.cuda``
-directly. On a machine without CUDA the megatron-core CPU shim is installed here, once.
+Every device decision in the project goes through this module: :func:`select_runtime` for distributed jobs,
+:func:`local_device` for single-process tools; other modules do not call ``torch.cuda`` (the megatron-core CPU shim
+aside, which replaces it). On a machine without CUDA the shim is installed here, once.
 """
 from __future__ import annotations
 
@@ -90,3 +91,41 @@ def device_redirect():
     from bd3_megatron.parallel import cpu_shim
 
     return cpu_shim.CudaAllocationsToCpu()
+
+
+def local_device(requested: str = "auto") -> torch.device:
+    """The device for a single-process tool (sampler, scorer, benchmarks): ``auto`` | ``cpu`` | ``cuda`` |
+    ``cuda:N``. No process group and no megatron shim: the standalone BD3Net needs neither."""
+    if requested == "auto":
+        return torch.device("cuda") if cuda_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    if device.type == "cuda" and not cuda_available():
+        raise ValueError(f"device {requested} was asked for but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (timings); nothing to do on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    import platform
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+
+
+def accelerator_rng_state() -> torch.Tensor | None:
+    """The CUDA generator state of this process (None without CUDA), for checkpoints."""
+    return torch.cuda.get_rng_state() if cuda_available() else None
+
+
+def set_accelerator_rng_state(state: torch.Tensor | None) -> None:
+    if state is not None and cuda_available():
+        torch.cuda.set_rng_state(state)

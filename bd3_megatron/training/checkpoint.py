@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bd3_megatron.parallel import device
+
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -89,8 +91,9 @@ def rng_state() -> dict[str, Any]:
     from megatron.core.tensor_parallel import random as mrandom
 
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    accel = device.accelerator_rng_state()
+    if accel is not None:
+        state["cuda"] = accel
     if mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED:
         state["tracker"] = mrandom.get_cuda_rng_tracker().get_states()
     return state
@@ -100,8 +103,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    device.set_accelerator_rng_state(state.get("cuda"))
     if "tracker" in state:
         mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
 
