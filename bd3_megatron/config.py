@@ -62,6 +62,7 @@ class DiffusionConfig:
     clip_search_widths: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     clip_search_delta: float = 0.05
     clip_search_batches: int = 0  # validation micro-batches scored per window (0 = the evaluation's batches)
+    clip_search_interval: int = 0  # steps between searches, at evaluations (0 = every evaluation after step 0)
     fix_clipping: bool = False  # search and log, but keep training with [eps_min, eps_max]
 
 
@@ -317,6 +318,11 @@ def validate(cfg: Config) -> None:
     _require(d.clip_search_delta > 0 and d.clip_search_batches >= 0,
              "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_batches >= 0")
     _require(all(0 < w <= 1 for w in d.clip_search_widths), "diffusion.clip_search_widths must lie in (0, 1]")
+    _require(d.clip_search_interval >= 0, "diffusion.clip_search_interval must be >= 0")
+    _require(not (d.clip_search and d.clip_search_interval and t.eval_interval
+                  and d.clip_search_interval % t.eval_interval),
+             f"diffusion.clip_search_interval ({d.clip_search_interval}) must be a multiple of train.eval_interval "
+             f"({t.eval_interval}): the search runs at evaluations")
     if d.resample:
         from bd3_megatron.diffusion.noise import window_feasible
         from bd3_megatron.diffusion.schedule import ClipWindow

@@ -52,6 +52,8 @@ def test_presets_fill_sizes_but_explicit_keys_win():
     ({}, ["diffusion.eps_min=0.5", "diffusion.eps_max=0.2"], "0 < eps_min <= eps_max <= 1"),
     ({}, ["model.block_size=1", "model.seq_len=8", "diffusion.resample=true", "diffusion.eps_min=0.3",
           "diffusion.eps_max=0.8"], "admits no masked-token count"),
+    ({}, ["diffusion.clip_search=true", "train.eval_interval=100", "diffusion.clip_search_interval=250"],
+     "must be a multiple of train.eval_interval"),
     ({}, ["nodot=3"], "must be section.key"),
     ({}, ["model.block_size"], "not of the form"),
 ])

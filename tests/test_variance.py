@@ -94,9 +94,13 @@ def test_variance_report_renders_a_real_run(tmp_path, data_cache):
 
     proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=6", "train.eval_interval=3", "checkpoint.dir=null",
                          "sample.after_train=false", "diffusion.clip_search=true",
-                         "diffusion.clip_search_widths=[0.5]", "diffusion.clip_search_delta=0.25"))
+                         "diffusion.clip_search_widths=[0.5]", "diffusion.clip_search_delta=0.25",
+                         "diffusion.clip_search_interval=6"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = metrics(tmp_path / "log")
+    # evaluations at 0, 3 and 6; the search only at 6 (never on the untrained model, then every 6 steps)
+    assert all("val_nelbo" in recs[s] for s in (0, 3, 6))
+    assert not any(k.startswith("clip_var/") for s in (0, 3) for k in recs[s])
     assert "nelbo_block_var" in recs[6] and any(k.startswith("loss_t/") for k in recs[6])
     assert len([k for k in recs[6] if k.startswith("clip_var/")]) == 4  # (1e-3,1) + 3 windows of width 0.5
     rep = subprocess.run([sys.executable, "tools/variance_report.py", str(tmp_path / "log")], cwd=ROOT,

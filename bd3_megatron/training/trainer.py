@@ -247,7 +247,7 @@ class Trainer:
         with self._eval_weights():
             reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), window or ClipWindow(),
                                                                  noise_draw=noise_draw), forward_only=True)
-            search = self.clip_search() if self.cfg.diffusion.clip_search else {}
+            search = self.clip_search() if self._clip_search_due() else {}
         sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports),
                              sum(float(r["tokens"]) for r in reports)], dtype=torch.float64, device=self.device)
         if self.dp > 1:
@@ -256,6 +256,13 @@ class Trainer:
             return {}
         nelbo = float(sums[0] / sums[1])
         return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 50.0)), **search}
+
+    def _clip_search_due(self) -> bool:
+        """At evaluations after step 0 (the reference skips its sanity-check validation: the variance of an
+        untrained model says nothing about the schedule), every ``clip_search_interval`` steps if set."""
+        d = self.cfg.diffusion
+        return d.clip_search and self.step > 0 and (not d.clip_search_interval or
+                                                    self.step % d.clip_search_interval == 0)
 
     def clip_search(self) -> dict:
         """Score every window of the grid by the variance of per-block NELBO estimates on the validation batches
