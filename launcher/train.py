@@ -39,7 +39,7 @@ def print_samples(trainer, cfg) -> None:
     net = build_net(ck.config, ck.state, device=trainer.device)
     tok = trainer.tokenizer
     length = s.length or cfg.model.seq_len
-    opts = SampleOptions(length=length - 1, steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed)
+    opts = SampleOptions(length=max(length - 1, 1), steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed)
     stats = generate(net, s.num_samples, opts, prompt=[tok.eos_token_id])  # start at a document boundary
     print(f"\n=== {s.num_samples} samples of step {ck.source['step']} ({length} tokens, block size "
           f"{cfg.model.block_size}, {s.steps} steps/block, KV cache, {stats.seconds:.1f}s) ===", flush=True)

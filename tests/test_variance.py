@@ -107,7 +107,8 @@ def test_variance_report_renders_a_real_run(tmp_path, data_cache):
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
     assert "grad_var" in recs[6] and recs[6]["grad_noise_ratio"] > 0  # 2 micro-batches per step: a variance exists
-    for name in ("loss.png", "block_variance.png", "gradient_variance.png", "clip_windows.png", "loss_by_t.png"):
+    for name in ("loss.png", "block_variance.png", "gradient_variance.png", "clip_windows.png", "loss_by_t.png",
+                 "overview.png"):
         png = tmp_path / "log/report" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "window" in rep.stdout.splitlines()[0] and len(rep.stdout.splitlines()) >= 3

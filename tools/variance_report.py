@@ -3,7 +3,7 @@
 Reads ``RUN_DIR/metrics.jsonl`` (also while the run is still writing it: an incomplete last line is skipped) and
 writes PNGs next to it under ``RUN_DIR/report/``: loss and validation NELBO, per-block NELBO variance, the clip-window
 scores of the latest search with the chosen window over time, the gradient variance across micro-batches and the loss
-per t bucket.
+per t bucket, one file each and all of them on one page (``overview.png``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,52 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+# ---- panels: each draws one figure of the report onto an axis ----
+def panel_loss(ax, records):
+    ax.plot(*series(records, "loss"), label="train loss (NELBO/token)", lw=0.8)
+    ax.plot(*series(records, "val_nelbo"), "o-", label="validation NELBO")
+    ax.set_xlabel("step"), ax.set_ylabel("nats/token"), ax.legend(), ax.set_title("loss")
+
+
+def panel_block_variance(ax, records):
+    ax.plot(*series(records, "nelbo_block_var"), lw=0.8)
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("variance of per-block NELBO estimates (train)")
+
+
+def panel_grad_var(ax, records):
+    ax.plot(*series(records, "grad_var"), lw=0.8)
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("gradient variance across micro-batches (probe)")
+
+
+def panel_grad_noise(ax, records):
+    ax.plot(*series(records, "grad_noise_ratio"), lw=0.8)
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("gradient noise / signal (probe)")
+
+
+def panel_window_scores(ax, searches):
+    last = searches[-1]
+    labels = [k.split("/", 1)[1] for k in last if k.startswith("clip_var/")]
+    values = [last[f"clip_var/{k}"] for k in labels]
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=6)
+    ax.set_title(f"clip-window NELBO variance at step {last['step']}")
+
+
+def panel_chosen_window(ax, searches):
+    steps = [r["step"] for r in searches]
+    ax.plot(steps, [r["clip_window"][0] for r in searches], "o-", label="eps_min")
+    ax.plot(steps, [r["clip_window"][1] for r in searches], "o-", label="eps_max")
+    ax.set_ylim(0, 1.05), ax.legend(), ax.set_title("chosen window"), ax.set_xlabel("step")
+
+
+def panel_loss_by_t(ax, records, bucket_keys):
+    for k in bucket_keys:
+        ax.plot(*series(records, k), lw=0.8, label=k.split("/", 1)[1])
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("per-block loss by t bucket"), ax.legend(fontsize=6)
+
+
 def make_report(run_dir: Path) -> list[Path]:
+    """One PNG per figure under RUN_DIR/report/, plus overview.png with every available panel on one page."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +88,20 @@ def make_report(run_dir: Path) -> list[Path]:
     out_dir = run_dir / "report"
     out_dir.mkdir(exist_ok=True)
     written = []
+    searches = [r for r in records if any(k.startswith("clip_var/") for k in r)]
+    bucket_keys = sorted({k for r in records for k in r if k.startswith("loss_t/")})
+    has_grad = bool(series(records, "grad_var")[0])
+    # (file, panels); a file with two panels is drawn side by side
+    figures = [("loss.png", [lambda ax: panel_loss(ax, records)]),
+               ("block_variance.png", [lambda ax: panel_block_variance(ax, records)])]
+    if has_grad:
+        figures.append(("gradient_variance.png", [lambda ax: panel_grad_var(ax, records),
+                                                  lambda ax: panel_grad_noise(ax, records)]))
+    if searches:
+        figures.append(("clip_windows.png", [lambda ax: panel_window_scores(ax, searches),
+                                             lambda ax: panel_chosen_window(ax, searches)]))
+    if bucket_keys:
+        figures.append(("loss_by_t.png", [lambda ax: panel_loss_by_t(ax, records, bucket_keys)]))
 
     def save(fig, name):
         path = out_dir / name
@@ -51,47 +110,23 @@ def make_report(run_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*series(records, "loss"), label="train loss (NELBO/token)", lw=0.8)
-    ax.plot(*series(records, "val_nelbo"), "o-", label="validation NELBO")
-    ax.set_xlabel("step"), ax.set_ylabel("nats/token"), ax.legend(), ax.set_title("loss")
-    save(fig, "loss.png")
+    for name, panels in figures:
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 if len(panels) == 1 else 12, 4), squeeze=False)
+        for draw, ax in zip(panels, axes[0]):
+            draw(ax)
+        save(fig, name)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*series(records, "nelbo_block_var"), lw=0.8)
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("variance of per-block NELBO estimates (train)")
-    save(fig, "block_variance.png")
-
-    if series(records, "grad_var")[0]:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-        a1.plot(*series(records, "grad_var"), lw=0.8)
-        a1.set_yscale("log"), a1.set_xlabel("step"), a1.set_title("gradient variance across micro-batches (probe)")
-        a2.plot(*series(records, "grad_noise_ratio"), lw=0.8)
-        a2.set_yscale("log"), a2.set_xlabel("step"), a2.set_title("gradient noise / signal (probe)")
-        save(fig, "gradient_variance.png")
-
-    searches = [r for r in records if any(k.startswith("clip_var/") for k in r)]
-    if searches:
-        last = searches[-1]
-        labels = [k.split("/", 1)[1] for k in last if k.startswith("clip_var/")]
-        values = [last[f"clip_var/{k}"] for k in labels]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-        a1.bar(range(len(values)), values)
-        a1.set_xticks(range(len(values)), labels, rotation=90, fontsize=6)
-        a1.set_title(f"clip-window NELBO variance at step {last['step']}")
-        steps = [r["step"] for r in searches]
-        a2.plot(steps, [r["clip_window"][0] for r in searches], "o-", label="eps_min")
-        a2.plot(steps, [r["clip_window"][1] for r in searches], "o-", label="eps_max")
-        a2.set_ylim(0, 1.05), a2.legend(), a2.set_title("chosen window"), a2.set_xlabel("step")
-        save(fig, "clip_windows.png")
-
-    bucket_keys = sorted({k for r in records for k in r if k.startswith("loss_t/")})
-    if bucket_keys:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in bucket_keys:
-            ax.plot(*series(records, k), lw=0.8, label=k.split("/", 1)[1])
-        ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("per-block loss by t bucket"), ax.legend(fontsize=6)
-        save(fig, "loss_by_t.png")
+    every = [draw for _, panels in figures for draw in panels]
+    cols = 3
+    rows = -(-len(every) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(every):
+            every[i](ax)
+        else:
+            ax.axis("off")
+    fig.suptitle(f"{run_dir.resolve().name}: step {records[-1]['step']}")
+    save(fig, "overview.png")
     return written
 
 
