@@ -17,7 +17,6 @@ causal scorer has context for it.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +87,13 @@ def generative_perplexity(scorer: Scorer, texts: Sequence[str]) -> GenerativePer
                                 token_weighted=math.exp(total / count) if count else float("nan"), tokens=count)
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """NLL [S] of ``ids`` [S] when the logits [S, V] at l predict token l+1; NaN at position 0 (no prediction)."""
+    nll = torch.full(ids.shape, float("nan"), device=logits.device)
+    nll[1:] = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
+    return nll
+
+
 class ProjectScorer:
     """A checkpoint of this project as an autoregressive scorer (the AR baseline, or a BD3 model with L'=1)."""
 
@@ -119,10 +125,7 @@ class ProjectScorer:
     def window_nll(self, ids: torch.Tensor) -> torch.Tensor:
         x0 = ids.to(self.device)[None]
         if self.cfg.mode == "ar":
-            logits = self.net.logits(self.net.causal_hidden(x0))[0]
-            nll = torch.full((x0.shape[1],), float("nan"), device=self.device)
-            nll[1:] = F.cross_entropy(logits[:-1], x0[0, 1:], reduction="none")
-            return nll
+            return next_token_nll(self.net.logits(self.net.causal_hidden(x0))[0], x0[0])
         xt = torch.full_like(x0, self.cfg.mask_token_id)  # every token masked: window (1, 1)
         logits = self.net.bd3_logits(xt, x0, block_size=1)[0]
         return F.cross_entropy(logits, x0[0], reduction="none")
@@ -148,22 +151,21 @@ class HFScorer:
     @torch.no_grad()
     def window_nll(self, ids: torch.Tensor) -> torch.Tensor:
         x = ids.to(self.device)[None]
-        logits = self.lm(x).logits[0].float()
-        nll = torch.full((x.shape[1],), float("nan"), device=self.device)
-        nll[1:] = F.cross_entropy(logits[:-1], x[0, 1:], reduction="none")
-        return nll
+        return next_token_nll(self.lm(x).logits[0].float(), x[0])
 
 
 def _is_project_folder(path: Path) -> bool:
+    """A training checkpoint, or a sampler folder in a layout ``tools/convert.py`` reads (native or bd3lm HF)."""
+    from bd3_megatron.sampling.export import detect_format
     from bd3_megatron.sampling.training_checkpoint import is_training_checkpoint
 
     if is_training_checkpoint(path):
         return True
     try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        detect_format(path)
+    except (FileNotFoundError, ValueError):
         return False
-    return cfg.get("format") == "bd3-megatron-sampler" or cfg.get("model_type") == "bd3lm"
+    return True
 
 
 def load_scorer(path: str | Path, device: torch.device | str = "cpu") -> Scorer:
