@@ -40,19 +40,9 @@ def panel_loss(ax, records):
     ax.set_xlabel("step"), ax.set_ylabel("nats/token"), ax.legend(), ax.set_title("loss")
 
 
-def panel_block_variance(ax, records):
-    ax.plot(*series(records, "nelbo_block_var"), lw=0.8)
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("variance of per-block NELBO estimates (train)")
-
-
-def panel_grad_var(ax, records):
-    ax.plot(*series(records, "grad_var"), lw=0.8)
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("gradient variance across micro-batches (probe)")
-
-
-def panel_grad_noise(ax, records):
-    ax.plot(*series(records, "grad_noise_ratio"), lw=0.8)
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("gradient noise / signal (probe)")
+def panel_log_series(ax, records, key, title):
+    ax.plot(*series(records, key), lw=0.8)
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title(title)
 
 
 def panel_window_scores(ax, searches):
@@ -92,11 +82,15 @@ def make_report(run_dir: Path) -> list[Path]:
     bucket_keys = sorted({k for r in records for k in r if k.startswith("loss_t/")})
     has_grad = bool(series(records, "grad_var")[0])
     # (file, panels); a file with two panels is drawn side by side
+    def log_series(key, title):
+        return lambda ax: panel_log_series(ax, records, key, title)
+
     figures = [("loss.png", [lambda ax: panel_loss(ax, records)]),
-               ("block_variance.png", [lambda ax: panel_block_variance(ax, records)])]
+               ("block_variance.png", [log_series("nelbo_block_var", "variance of per-block NELBO estimates (train)")])]
     if has_grad:
-        figures.append(("gradient_variance.png", [lambda ax: panel_grad_var(ax, records),
-                                                  lambda ax: panel_grad_noise(ax, records)]))
+        figures.append(("gradient_variance.png",
+                        [log_series("grad_var", "gradient variance across micro-batches (probe)"),
+                         log_series("grad_noise_ratio", "gradient noise / signal (probe)")]))
     if searches:
         figures.append(("clip_windows.png", [lambda ax: panel_window_scores(ax, searches),
                                              lambda ax: panel_chosen_window(ax, searches)]))
