@@ -87,7 +87,9 @@ EOF
 }
 # requeued and cleaned up: the job waits (Slurm's requeue delay) and both nodes are idle again, so every rank is gone
 requeued() { [ "$(job_state "$JOB")" = PENDING ] && [ "$(sinfo -h -t idle -o %D)" = 2 ]; }
-release() { scontrol update JobId="$JOB" StartTime=now; }  # skip the ~2 min BeginTime delay of a requeued job
+# Skip the ~2 min BeginTime delay of a requeued job. slurmd refuses a launch whose credential is not newer than the
+# job's revocation (the requeue kill) at one-second resolution, so the restart must not start in the same second.
+release() { sleep 2; scontrol update JobId="$JOB" StartTime=now; }
 
 write_config 100000
 JOB=$(CONFIG=$CI_CONFIG RUN_DIR=$WORK/run sbatch --parsable -o "$JOB_OUT" slurm/tiny_cpu.sh)
