@@ -121,7 +121,7 @@ def assert_logits_match(net, model, seed: int = 0) -> None:
     ours = net.bd3_logits(xt, x0)
     torch.testing.assert_close(ours, megatron_logits(model, xt, x0), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        ce = model(xt, x0, masked)
+        ce = model(xt, x0, masked).ce
     mine = -ours.log_softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
     torch.testing.assert_close(torch.where(masked, mine, torch.zeros_like(mine)), ce, rtol=1e-5, atol=1e-5)
 

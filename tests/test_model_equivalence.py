@@ -34,8 +34,8 @@ def test_vectorised_loss_equals_naive_per_block_loop(mcore, seq_len, block_size)
                 mask_token_id=MASK_ID, global_batch_size=3)
     assert c.masked.any() and (~c.masked).any()
     with torch.no_grad():
-        fast = model(c.xt, x0, c.masked)
-        slow = naive_block_ce(model, c.xt, x0, block_size)
+        fast = model(c.xt, x0, c.masked).ce
+        slow = naive_block_ce(tiny_model(seq_len, block_size, noisy_half_last_layer=False), c.xt, x0, block_size)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     sched = get_schedule("loglinear")
     torch.testing.assert_close(nelbo_from_token_ce(fast, c.masked, c.t_tokens, sched),
@@ -51,7 +51,8 @@ def test_block_size_one_with_window_one_is_autoregressive_nll(mcore):
                 mask_token_id=MASK_ID, global_batch_size=2)
     assert c.masked.all() and torch.all(c.t == 1.0)
     with torch.no_grad():
-        nelbo = nelbo_from_token_ce(model(c.xt, x0, c.masked), c.masked, c.t_tokens, get_schedule("loglinear"))
+        nelbo = nelbo_from_token_ce(model(c.xt, x0, c.masked).ce, c.masked, c.t_tokens, get_schedule("loglinear"))
+        model = tiny_model(seq_len, block_size=1, noisy_half_last_layer=False)  # same weights, every row returned
         nll = []
         for pos in range(seq_len):  # one forward per position: prefix x0[<pos] then a mask token
             ids = torch.cat([x0[:, :pos], torch.full((2, 1), MASK_ID)], dim=1)
@@ -69,14 +70,14 @@ def test_clean_half_and_other_noisy_blocks_cannot_leak(mcore):
     xt[:, ::2] = MASK_ID
     masked = xt == MASK_ID
     with torch.no_grad():
-        base = model(xt, x0, masked)
+        base = model(xt, x0, masked).ce
         xt2 = xt.clone()
         xt2[:, 9] = (xt2[:, 9] + 1) % MASK_ID  # an unmasked token of noisy block 2
-        other = model(xt2, x0, masked)
+        other = model(xt2, x0, masked).ce
         assert torch.equal(base[:, :8], other[:, :8]) and not torch.equal(base[:, 8:12], other[:, 8:12])
         x0b = x0.clone()
         x0b[:, 1] = (x0b[:, 1] + 1) % MASK_ID  # a token of clean block 0
-        changed = model(xt, x0b, masked)
+        changed = model(xt, x0b, masked).ce
         assert torch.equal(base[:, :4].masked_fill(masked[:, :4], 0), changed[:, :4].masked_fill(masked[:, :4], 0))
         assert not torch.allclose(base[:, 4:], changed[:, 4:])
 
@@ -89,7 +90,7 @@ def test_flex_forward_equals_sdpa_on_cpu(mcore):
     c = corrupt(x0, torch.arange(2), step=3, seed=2, block_size=8, window=ClipWindow(), mask_token_id=MASK_ID,
                 global_batch_size=2)
     with torch.no_grad():
-        torch.testing.assert_close(flex(c.xt, x0, c.masked), sdpa(c.xt, x0, c.masked), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(flex(c.xt, x0, c.masked).ce, sdpa(c.xt, x0, c.masked).ce, rtol=1e-4, atol=1e-5)
 
 
 def test_head_never_predicts_mask_or_padding(mcore):
@@ -110,3 +111,23 @@ def test_initialisation_is_keyed_by_name_and_seed(mcore):
         assert torch.equal(p, q), n
         if p.dim() > 1:
             assert not torch.equal(p, r), n
+
+
+def test_noisy_half_last_layer_equals_the_full_layer_on_the_noisy_half(mcore):
+    """The last layer computes noisy queries only: same noisy-half outputs, loss and every gradient as the full
+    layer whose clean-half rows are thrown away."""
+    fast, full = tiny_model(16, 4), tiny_model(16, 4, noisy_half_last_layer=False)
+    x0 = random_tokens(3, 16, seed=11)
+    c = corrupt(x0, torch.arange(3), step=2, seed=4, block_size=4, window=ClipWindow(), mask_token_id=MASK_ID,
+                global_batch_size=3)
+    weight = torch.where(c.masked, 1.0 / c.t_tokens, torch.zeros_like(c.t_tokens))
+    h_fast, seq = fast._bd3_hidden(c.xt, x0)
+    h_full, _ = full._bd3_hidden(c.xt, x0)
+    assert h_fast.shape[0] == seq == 16 and h_full.shape[0] == 32
+    torch.testing.assert_close(h_fast, h_full[:seq], rtol=1e-5, atol=1e-6)
+    out_fast, out_full = fast(c.xt, x0, c.masked, weight), full(c.xt, x0, c.masked, weight)
+    torch.testing.assert_close(out_fast.nelbo_sum, out_full.nelbo_sum, rtol=1e-5, atol=0)
+    out_fast.nelbo_sum.backward()
+    out_full.nelbo_sum.backward()
+    for (name, p), (_, q) in zip(fast.named_parameters(), full.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -135,6 +135,24 @@ def flex_block_mask(seq_len: int, block_size: int, device: torch.device | str, b
     return _flex(seq_len, block_size, _device_key(device), block_tile)
 
 
+@functools.lru_cache(maxsize=16)
+def _flex_rows(mask_mod: MaskMod, rows: int, kv_len: int, device: str, tile: tuple):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=rows, KV_LEN=kv_len, device=device, BLOCK_SIZE=tile)
+
+
+def noisy_query_rows(mask, rows: int):
+    """The first ``rows`` query rows of a mask over x_t ⊕ x (rows = L: the noisy half) against every key.
+
+    Dense [2L, 2L] bool -> a [L, 2L] view; flex BlockMask -> the BlockMask of the same ``mask_mod`` with
+    Q_LEN = L (built once per shape and cached). Used by the model's last layer, which computes noisy queries only.
+    """
+    if isinstance(mask, torch.Tensor):
+        return mask[:rows]
+    return _flex_rows(mask.mask_mod, rows, mask.seq_lengths[1], str(mask.kv_indices.device), tuple(mask.BLOCK_SIZE))
+
+
 def effective_dense(block_mask, mask_mod: MaskMod | None = None, n: int | None = None) -> torch.Tensor:
     """What a BlockMask lets through, element by element, as a dense [n, n] bool tensor (batch 0, head 0).
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from bd3_megatron.diffusion.masks import noisy_query_rows
+
 _COMPILED_FLEX = None
 
 
@@ -47,11 +49,16 @@ class BD3CoreAttention(MegatronModule):
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.layer_number = layer_number
+        # set by NoisyHalfTransformerLayer: queries [2L] -> [L] (the noisy half), keys and values stay [2L]
+        self.noisy_queries_only = False
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("BD3CoreAttention takes neither attention_bias nor packed sequences")
+        if self.noisy_queries_only:
+            query = query[: query.shape[0] // 2]
+            attention_mask = noisy_query_rows(attention_mask, query.shape[0])
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         gqa = k.shape[1] != q.shape[1]

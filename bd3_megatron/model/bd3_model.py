@@ -13,7 +13,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,19 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from bd3_megatron.diffusion import masks
 from bd3_megatron.model.attention import BD3CoreAttention
+from bd3_megatron.model.head import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,8 @@ class BD3Spec:
     attention_backend: str = "auto"  # auto | sdpa | flex
     vocab_multiple: int = 128
     mode: str = "bd3"  # bd3 (x_t ⊕ x0) | mdlm (x_t alone, bidirectional) | ar (x0 alone, causal, next token)
+    ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 64 MiB logit budget)
+    noisy_half_last_layer: bool = True  # bd3: the last layer computes the noisy half only (the head's input)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -48,12 +58,52 @@ def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
-def bd3_layer_spec():
-    """megatron-core local GPT layer with the BD3 core attention and an arbitrary mask."""
+def bd3_layer_spec(noisy_queries_only: bool = False) -> ModuleSpec:
+    """megatron-core local GPT layer with the BD3 core attention and an arbitrary mask; with
+    ``noisy_queries_only`` the layer class that computes outputs for the noisy half alone (the model's last layer)."""
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     spec.submodules.self_attention.submodules.core_attention = BD3CoreAttention
+    if noisy_queries_only:
+        spec.module = NoisyHalfTransformerLayer
     return spec
+
+
+def bd3_block_spec(config: TransformerConfig, spec: BD3Spec, post_process: bool) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers. In bd3 mode the model's last layer (last stage only) is a
+    :class:`NoisyHalfTransformerLayer` unless ``spec.noisy_half_last_layer`` is off: nothing reads the clean half
+    of its output."""
+    layers = get_num_layers_to_build(config)
+    last_noisy_only = spec.mode == "bd3" and spec.noisy_half_last_layer and post_process and layers > 0
+    specs = [bd3_layer_spec() for _ in range(layers - last_noisy_only)]
+    specs += [bd3_layer_spec(noisy_queries_only=True)] * last_noisy_only
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+
+
+class NoisyHalfTransformerLayer(TransformerLayer):
+    """A pre-LN transformer layer over x_t ⊕ x [2L, b, h] that returns the noisy half only [L, b, h].
+
+    The head reads the last layer's output at noisy positions alone, so the clean half's queries, its output
+    projection rows and its MLP rows would be computed for nothing: here K/V come from all 2L tokens (the noisy
+    block attends clean blocks < b), queries from the first L rows (the core attention slices them, and the mask's
+    noisy rows). Same parameters and, on the noisy half, the same outputs as :class:`TransformerLayer`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.self_attention.core_attention.noisy_queries_only = True
+
+    def _forward_attention(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **unused):
+        ignored = {k: v for k, v in unused.items() if v is not None}
+        if ignored:
+            raise NotImplementedError(f"NoisyHalfTransformerLayer does not take {sorted(ignored)}")
+        residual = hidden_states[: hidden_states.shape[0] // 2]
+        attention_output_with_bias = self.self_attention(self.input_layernorm(hidden_states),
+                                                         attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                attention_output_with_bias, residual, self.hidden_dropout)
+        return hidden_states, None
 
 
 class SharedRotary(torch.nn.Module):
@@ -67,6 +117,44 @@ class SharedRotary(torch.nn.Module):
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         freqs = torch.outer(position_ids.to(self.inv_freq.device, torch.float32), self.inv_freq)
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [S, 1, 1, head_dim], rotate-half layout
+
+
+class HeadOutput(NamedTuple):
+    ce: torch.Tensor  # [b, L] or [N] fp32 per-token cross-entropy, no gradient
+    nelbo_sum: torch.Tensor  # [] fp32, Σ loss_weight·ce, differentiable (0 without loss weights)
+
+
+class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
+    """The vocab-parallel output head [h -> V_padded/tp] under SUBS: the mask token and the vocabulary padding are
+    never predicted. A module (not a bare weight) so that engines which hook module calls (ZeRO-3) see its use.
+
+    forward(hidden [N, h]) -> logits [N, V/tp] fp32 with never-predicted ids at -inf (sampling, evaluation);
+    forward(hidden [N, h], labels [N], loss_weight [N] | None) -> HeadOutput([N] ce, [] weighted sum), computed
+    by the fused chunked :func:`bd3_megatron.model.head.linear_cross_entropy` (no [N, V] logits kept)."""
+
+    def __init__(self, config: TransformerConfig, padded_vocab: int, spec: BD3Spec):
+        super().__init__(config.hidden_size, padded_vocab, config=config, init_method=config.init_method,
+                         bias=False, skip_bias_add=False, gather_output=False)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        part = padded_vocab // tp
+        self.vocab_start = part * parallel_state.get_tensor_model_parallel_rank()
+        ids = torch.arange(part) + self.vocab_start
+        never = (ids == spec.mask_token_id) | (ids >= spec.vocab_size)
+        self.register_buffer("never_predict", never, persistent=False)  # [V/tp] bool, for the logits
+        self.register_buffer("never_predict_ids", never.nonzero().flatten(), persistent=False)  # [K], for the CE
+        self.chunk_tokens = spec.ce_chunk_tokens
+        self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_weight: torch.Tensor | None = None):
+        if labels is None:
+            logits, _ = super().forward(hidden)
+            return logits.float().masked_fill(self.never_predict, float("-inf"))
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # gradient all-reduced over TP
+        ce, nelbo_sum = linear_cross_entropy(hidden, self.weight, labels, self.never_predict_ids, loss_weight=loss_weight,
+                                             vocab_start=self.vocab_start, chunk_tokens=self.chunk_tokens,
+                                             group=self.tp_group)
+        return HeadOutput(ce, nelbo_sum)
 
 
 class BD3Model(MegatronModule):
@@ -88,17 +176,10 @@ class BD3Model(MegatronModule):
         if pre_process:
             self.embedding = LanguageModelEmbedding(config, vocab_size=self.padded_vocab,
                                                     max_sequence_length=spec.seq_len, position_embedding_type="rope")
-        self.decoder = TransformerBlock(config=config, spec=bd3_layer_spec(), pre_process=pre_process,
-                                        post_process=post_process)
+        self.decoder = TransformerBlock(config=config, spec=bd3_block_spec(config, spec, post_process),
+                                        pre_process=pre_process, post_process=post_process)
         if post_process:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, self.padded_vocab, config=config, init_method=config.init_method, bias=False,
-                skip_bias_add=False, gather_output=False)
-            # SUBS: the mask token and the padding rows of the vocabulary are never predicted.
-            part = self.padded_vocab // tp
-            ids = torch.arange(part) + part * parallel_state.get_tensor_model_parallel_rank()
-            never = (ids == spec.mask_token_id) | (ids >= spec.vocab_size)
-            self.register_buffer("never_predict", never, persistent=False)
+            self.output_layer = SUBSOutputLayer(config, self.padded_vocab, spec)
         self._masks: dict[tuple, Any] = {}
 
     # ---- pipeline plumbing (megatron schedules call this) ----
@@ -130,12 +211,12 @@ class BD3Model(MegatronModule):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [N, V/tp] in fp32 with never-predicted ids at -inf."""
-        logits, _ = self.output_layer(hidden)
-        return logits.float().masked_fill(self.never_predict, float("-inf"))
+        return self.output_layer(hidden)
 
     def head_cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy [N] of ``labels`` under the SUBS-masked head, without gathering the vocab."""
-        return tensor_parallel.vocab_parallel_cross_entropy(self.head_logits(hidden), labels)
+        """Per-token cross-entropy [N] (no gradient) of ``labels`` under the SUBS-masked head, without gathering
+        the vocabulary."""
+        return self.output_layer(hidden, labels=labels).ce
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary [N, V] (gathered across TP), for sampling and evaluation."""
@@ -173,12 +254,18 @@ class BD3Model(MegatronModule):
         positions = positions.repeat(streams)
         return self.encode(ids, positions, self._stream_mask(seq_len, device)), seq_len
 
-    def forward(self, xt: torch.Tensor | None, x0: torch.Tensor | None, loss_mask: torch.Tensor | None = None):
+    def forward(self, xt: torch.Tensor | None, x0: torch.Tensor | None, loss_mask: torch.Tensor | None = None,
+                loss_weight: torch.Tensor | None = None):
         """Training/eval forward.
 
-        Returns hidden states on non-last pipeline stages; on the last stage the per-token cross-entropy [b, L]
-        (fp32) at ``loss_mask`` positions and 0 elsewhere: for bd3/mdlm the masked noisy tokens given the noisy
-        stream, for ar token l given x0[<l] (read from the hidden state at l-1; position 0 has no prediction).
+        xt, x0: [b, L] token ids (first stage; ``None`` on later stages); loss_mask: [b, L] bool, the positions
+        predicted; loss_weight: [b, L] fp32 per-token NELBO weight (0 off the mask) or None.
+
+        Returns hidden states [S, b, h] on non-last pipeline stages; on the last stage a :class:`HeadOutput`: the
+        per-token cross-entropy [b, L] (fp32, no gradient) at ``loss_mask`` positions and 0 elsewhere — for bd3/mdlm
+        the masked noisy tokens given the noisy stream, for ar token l given x0[<l] (read from the hidden state at
+        l-1; position 0 has no prediction) — and ``nelbo_sum`` = Σ loss_weight·ce, the differentiable training
+        objective (0 without ``loss_weight``).
         """
         hidden, seq_len = self._bd3_hidden(xt, x0)
         if not self.post_process:
@@ -188,10 +275,10 @@ class BD3Model(MegatronModule):
             out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
             loss_mask = loss_mask.clone()
             loss_mask[:, 0] = False
-        ce = torch.zeros(loss_mask.shape, dtype=torch.float32, device=out.device)
-        if loss_mask.any():
-            ce = ce.masked_scatter(loss_mask, self.head_cross_entropy(out[loss_mask], x0[loss_mask]))
-        return ce
+        head = self.output_layer(out[loss_mask], labels=x0[loss_mask],
+                                 loss_weight=None if loss_weight is None else loss_weight[loss_mask])
+        ce = torch.zeros(loss_mask.shape, dtype=torch.float32, device=out.device).masked_scatter(loss_mask, head.ce)
+        return HeadOutput(ce, head.nelbo_sum)
 
     def block_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) given x_t ⊕ x0 (single-stage models only)."""

@@ -35,8 +35,11 @@ class EMA:
     def update(self, named_params: dict[str, torch.Tensor]) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for name, p in named_params.items():
-            self.shadow[name].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+        # one fused pass over all tensors; the same two ops per element as shadow.mul_(d).add_(p, alpha=1-d)
+        shadows = [self.shadow[name] for name in named_params]
+        params = [p.detach().float() for p in named_params.values()]
+        torch._foreach_mul_(shadows, d)
+        torch._foreach_add_(shadows, params, alpha=1.0 - d)
 
     @torch.no_grad()
     def swap_into(self, named_params: dict[str, torch.Tensor]) -> None:

@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from bd3_megatron.config import Config, validate_layout
 from bd3_megatron.diffusion.schedule import ClipWindow
 from bd3_megatron.diffusion.variance import block_means, clip_window_grid, search_clip_window
-from bd3_megatron.model.bd3_model import canonical_parameter_names
+from bd3_megatron.model.bd3_model import HeadOutput, canonical_parameter_names
 from bd3_megatron.model.build import build_model, precision_dtype
 from bd3_megatron.parallel.device import device_redirect
 from bd3_megatron.parallel.ds_engine import DeepSpeedEngine, optimizer_state_classes
@@ -54,14 +54,17 @@ class TrainingStopped(RuntimeError):
     """Training could not continue (e.g. too many consecutive non-finite steps); the last checkpoint is intact."""
 
 
-def loss_from_token_ce(batch: MicroBatch, block_size: int, ce: torch.Tensor):
-    """megatron schedule loss_func: NELBO averaged over all tokens of the micro-batch (reference convention), plus
-    the per-block estimates the clip-window search scores."""
-    weighted = ce * batch.weight
-    loss = weighted.sum() / weighted.numel()
-    return loss, {"loss": loss.detach().clone(), "weighted_sum": weighted.detach().sum(),
+def loss_from_head(batch: MicroBatch, block_size: int, out: HeadOutput):
+    """megatron schedule loss_func: NELBO averaged over all b·L tokens of the micro-batch (reference convention),
+    plus the per-block estimates the clip-window search and the variance monitor score.
+
+    ``out.nelbo_sum`` (Σ weight·CE over the masked tokens, differentiable) carries the gradient; the per-token terms
+    ``out.ce · batch.weight`` [b, L] (no gradient) feed the statistics."""
+    weighted = out.ce * batch.weight
+    loss = out.nelbo_sum / weighted.numel()
+    return loss, {"loss": loss.detach().clone(), "weighted_sum": weighted.sum(),
                   "tokens": torch.tensor(float(weighted.numel())),
-                  "block_losses": block_means(weighted.detach(), block_size), "block_t": batch.t}
+                  "block_losses": block_means(weighted, block_size), "block_t": batch.t}
 
 
 class Trainer:
@@ -108,8 +111,8 @@ class Trainer:
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             with self.ctx.runtime.autocast(self.dtype):
-                ce = model(batch.xt, batch.x0, batch.masked)
-            return ce, partial(loss_from_token_ce, batch, self.cfg.model.block_size)
+                out = model(batch.xt, batch.x0, batch.masked, batch.weight)
+            return out, partial(loss_from_head, batch, self.cfg.model.block_size)
 
         with device_redirect():
             return get_forward_backward_func()(
@@ -136,8 +139,8 @@ class Trainer:
             reports = []
             for batch in micro:
                 with self.ctx.runtime.autocast(self.dtype):
-                    ce = self.engine.engine(batch.xt, batch.x0, batch.masked)
-                loss, report = loss_from_token_ce(batch, self.cfg.model.block_size, ce)
+                    out = self.engine.engine(batch.xt, batch.x0, batch.masked, batch.weight)
+                loss, report = loss_from_head(batch, self.cfg.model.block_size, out)
                 self.engine.backward(loss)
                 reports.append(report)
         grad_norm, applied = self.engine.step()
