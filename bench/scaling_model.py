@@ -219,37 +219,38 @@ def bubble_fraction(pp: int, micro_batches: int) -> float:
 
 
 def step_time(shape: ModelShape, layout: Layout, links: Links, sample_s: float, act_bytes: int = 2) -> dict:
-    """Predicted step (seconds) and its terms for ``layout``; ``sample_s``: single-device compute per sequence."""
+    """Predicted step (seconds) and its terms for ``layout``; ``sample_s``: single-device compute per sequence.
+
+    step = (m + p - 1) slots x (one micro-batch's compute on one stage + its TP all-reduces + 2 pipeline messages)
+           + data-parallel gradient reduction (exposed part) + parameter all-gather + scalar latencies."""
     lay = layout
     tp_link = group_link(lay.tp, 1, links)
     dp_link = group_link(lay.dp, lay.tp, links)
     pp_link = group_link(lay.pp, lay.tp * lay.dp, links)
-    compute_mb = lay.micro_batch * sample_s / (lay.tp * lay.pp)  # one micro-batch on one stage, fwd + bwd
-    terms = {"compute": lay.micro_batches * compute_mb}
-    # the slowest stage sets the pipeline's pace: the first (embedding) or the last (head) carries the most traffic
+    # the slowest stage sets the pace: the first (embedding) or the last (head) carries the most traffic
     per_stage = [predicted_collectives(shape, lay, s, act_bytes) for s in {0, lay.pp - 1}]
-    tp_mb = max(allreduce_time(c.get("tp_allreduce", (0, 0))[1], lay.tp, *tp_link, c.get("tp_allreduce", (0, 0))[0])
-                for c in per_stage) / lay.micro_batches
-    p2p_mb = 2 * p2p_time(activation_numel(shape, lay.micro_batch) * PIPELINE_BYTES, *pp_link) if lay.pp > 1 else 0.0
+
+    def cost(kind: str, fn, n: int, link: tuple[float, float]) -> float:
+        return max(fn(c[kind][1], n, *link, c[kind][0]) if kind in c else 0.0 for c in per_stage)
+
     slots = lay.micro_batches + lay.pp - 1
-    terms["tp_comm"] = slots * tp_mb
-    terms["pp_p2p"] = slots * p2p_mb
-    terms["pp_bubble"] = (lay.pp - 1) * compute_mb
-    grad = max(allreduce_time(c.get("dp_grad_allreduce", (0, 0))[1], lay.dp, *dp_link, c.get("dp_grad_allreduce",
-                                                                                                (0, 0))[0])
-               for c in per_stage)
+    compute_mb = lay.micro_batch * sample_s / (lay.tp * lay.pp)  # one micro-batch on one stage, fwd + bwd
+    terms = {"compute": lay.micro_batches * compute_mb,
+             "tp_comm": slots * cost("tp_allreduce", allreduce_time, lay.tp, tp_link) / lay.micro_batches,
+             "pp_p2p": slots * 2 * p2p_time(activation_numel(shape, lay.micro_batch) * PIPELINE_BYTES, *pp_link)
+             if lay.pp > 1 else 0.0,
+             "pp_bubble": bubble_fraction(lay.pp, lay.micro_batches) * slots * compute_mb}
+    grad = cost("dp_grad_allreduce", allreduce_time, lay.dp, dp_link)
     if lay.overlap_grad_reduce:  # hidden behind backward (about 2/3 of compute) except the last bucket of the step
         p = max(params_per_rank(shape, lay.tp, lay.pp, s) for s in {0, lay.pp - 1})
         last_bucket = grad / (lay.micro_batches if lay.zero == 2 else 1) * min(1.0, REDUCE_BUCKET / p)
         grad = max(grad - 2 / 3 * terms["compute"], last_bucket)
     terms["dp_grad"] = grad
-    terms["dp_allgather"] = max(allgather_time(c.get("dp_param_allgather", (0, 0))[1], lay.dp, *dp_link,
-                                               c.get("dp_param_allgather", (0, 0))[0]) for c in per_stage)
+    terms["dp_allgather"] = cost("dp_param_allgather", allgather_time, lay.dp, dp_link)
     scalars = max(c.get("scalars", (0, 0))[0] for c in per_stage) + 1  # + the loop's stop-signal all-reduce
     terms["scalars"] = scalars * max(dp_link[1], tp_link[1]) if lay.gpus > 1 else 0.0
     total = sum(terms.values())
-    ideal = lay.micro_batches * lay.micro_batch * sample_s / (lay.tp * lay.pp)
-    return {"terms": terms, "step_s": total, "ideal_s": ideal, "efficiency": ideal / total,
+    return {"terms": terms, "step_s": total, "ideal_s": terms["compute"], "efficiency": terms["compute"] / total,
             "tokens_per_s": lay.micro_batches * lay.micro_batch * lay.dp * shape.seq_len / total}
 
 
@@ -261,7 +262,8 @@ def candidate_layouts(gpus: int, global_batch: int, micro_batch: int) -> list[La
         return Layout(tp, pp, dp, zero, micro_batch, global_batch // (micro_batch * dp), overlap, note)
 
     return [lay(1, 1, 1, "recipe (ZeRO-1)"), lay(1, 1, 0, "ZeRO-0 (one all-reduce)"),
-            lay(1, 1, 2, "ZeRO-2 + overlap_comm", overlap=True), lay(2, 1, 1, "TP=2 in node, ZeRO-1"),
+            lay(1, 1, 2, "ZeRO-2 + overlap_comm", overlap=True),
+            lay(1, 1, 0, "ZeRO-0 + overlapped all-reduce*", overlap=True), lay(2, 1, 1, "TP=2 in node, ZeRO-1"),
             lay(1, 2, 1, "PP=2, ZeRO-1")]
 
 
@@ -279,6 +281,9 @@ def format_table(shape: ModelShape, links: Links, sample_s: float, global_batch:
                         f"{lay.micro_batch} x {lay.micro_batches} | {r['step_s'] * 1e3:.1f} | {t['compute']:.1f} | "
                         f"{t['tp_comm']:.2f} | {t['pp_p2p'] + t['pp_bubble']:.2f} | {t['dp_grad']:.2f} | "
                         f"{t['dp_allgather']:.2f} | {r['tokens_per_s']:,.0f} | {r['efficiency']:.1%}{mark} |")
+    rows.append("\n* not available in DeepSpeed's stage 0 (it reduces after backward): what an overlapped reducer "
+                "(megatron-core DDP overlap_grad_reduce, torch DDP) would give; ZeRO-2 + overlap_comm needs "
+                "zero_optimization.overlap_comm=true, which ds_engine.py does not set")
     return "\n".join(rows)
 
 
