@@ -157,3 +157,22 @@ def clip_search_once(rank: int, world: int, layout, cache_dir: str, log_dir: str
         result = trainer.evaluate()
         return {"result": result, "window": [trainer.batches.window.eps_min, trainer.batches.window.eps_max],
                 "last_stage": trainer.ctx.is_last_stage}
+
+
+def count_step_collectives(rank: int, world: int, layout, cache_dir: str, log_dir: str) -> dict:
+    """One warm-up step, then every collective of one more training step counted by bench/scaling_model.py's
+    CollectiveCounter, with the masked-token count of each of that step's micro-batches (the TP head's traffic)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from bench.scaling_model import CollectiveCounter
+
+    with trainer_for(layout, cache_dir, log_dir) as trainer:
+        trainer.train_step()  # DeepSpeed's first step sets up buffers; the steady state is what scales
+        masked = [int(b.masked.sum()) for b in trainer._train_micro_batches(trainer.step)]
+        groups = {name: tuple(dist.get_process_group_ranks(get())) for name, get in
+                  (("tp", ps.get_tensor_model_parallel_group), ("dp", ps.get_data_parallel_group),
+                   ("pp", ps.get_pipeline_model_parallel_group))}
+        with CollectiveCounter(groups) as counter:
+            trainer.train_step()
+        return {"rank": rank, "pp_rank": trainer.ctx.pp_rank, "masked": masked, "calls": counter.calls}
