@@ -16,8 +16,8 @@ Figures (one table and one JSON line, on global rank 0):
 * data tokens/s = global batch * L / median step time (L, not 2L: the clean copy is not data).
 * executed FLOPs/step: one extra step counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward +
   backward; matmuls and attention, summed over ranks). SDPA's CPU flash kernel, which torch does not count, gets
-  torch's own SDPA formula. Attention is counted dense (2L x 2L) whatever the kernel: FlexAttention's skipped tiles
-  are not subtracted.
+  torch's own SDPA formula. Attention is counted dense (2L x 2L) whatever the kernel, as torch counts it: the
+  counted step runs the project's attention through SDPA (FlexAttention's skipped tiles are not subtracted).
 * useful FLOPs/step = batch * (6 P_layers 2L + 6 V d L + 12 d n_layers (L^2 + L L')), with P_layers = n_layers
   (4 d^2 + 2 d d_ffn) the layers' matmul weights: both streams through the layers, the head on the L noisy positions
   (the formula's convention), and attention on the allowed (query, key) pairs of the BD3 mask only (L^2 + L L' per
@@ -39,6 +39,8 @@ Figures (one table and one JSON line, on global rank 0):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -147,6 +149,22 @@ def count_flops(step) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def sdpa_attention(module):
+    """Run the project's attention through dense SDPA while FLOPs are counted: torch's counter cannot run
+    FlexAttention (a higher-order op behind an internal compile) in the torch of the GPU machine, and it counts flex
+    densely anyway, with the same formula as SDPA over the [2L, 2L] mask. Same function, same count."""
+    spec = getattr(module, "spec", None)
+    if spec is None or getattr(spec, "attention_backend", "sdpa") == "sdpa":
+        yield
+        return
+    module.spec = dataclasses.replace(spec, attention_backend="sdpa")
+    try:
+        yield
+    finally:
+        module.spec = spec
 
 
 def owned_tensor_bytes(roots, device: torch.device) -> int:
@@ -333,7 +351,8 @@ def run(args: argparse.Namespace, log_dir: str) -> dict | None:
         for i in range(args.steps):  # interleaved; the order alternates so neither model always runs second
             for name in (names[::-1] if i % 2 == 0 else names):
                 times[name].append(timed(name))
-        executed = {name: float(count_flops(models[name])) for name in names}
+        with sdpa_attention(trainer.model):
+            executed = {name: float(count_flops(models[name])) for name in names}
         peaks, owned = {}, {}
         for name in names:
             gc.collect()
