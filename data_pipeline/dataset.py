@@ -23,7 +23,7 @@ from data_pipeline.corpus import read_documents, source_files
 from data_pipeline.packing import pack_wrap
 from data_pipeline.tokenizers import Tokenizer
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: documents that tokenize to nothing are dropped (1 packed a stray EOS for each)
 _TOKENIZE_CHUNK = 64  # documents per encode_batch call; bounds the Python-int lists alive at once
 
 
@@ -196,14 +196,16 @@ def build_text_datasets(
             return InMemoryRows(train), InMemoryRows(val), {**info, "cache_hit": True}
 
     start = time.perf_counter()
-    docs = read_documents(source)
+    tokens = _tokenize(read_documents(source), tokenizer)
+    # A document the tokenizer turns into no ids (only zero-width or control characters for BERT) is not a
+    # document: packing it would only add a stray EOS.
+    docs = [t for t in tokens if t.size]
     if val_docs >= len(docs):
         raise ValueError(
             f"val_docs={val_docs} leaves no training document ({source!r} has {len(docs)} documents); lower val_docs"
         )
     split = len(docs) - val_docs
-    train_tokens = _tokenize(docs[:split], tokenizer)
-    val_tokens = _tokenize(docs[split:], tokenizer)
+    train_tokens, val_tokens = docs[:split], docs[split:]
     train = pack_wrap(train_tokens, seq_len, tokenizer.eos_token_id)
     val = pack_wrap(val_tokens, seq_len, tokenizer.eos_token_id)
     if len(val) == 0:
@@ -219,6 +221,7 @@ def build_text_datasets(
         "tokenizer": tokenizer.name,
         "seq_len": seq_len,
         "num_docs": len(docs),
+        "skipped_no_tokens": len(tokens) - len(docs),
         "train_docs": split,
         "val_docs": val_docs,
         # Token counts include one EOS per document; rows drop each split's final partial row.
