@@ -104,7 +104,7 @@ def read_documents(source: str) -> list[str]:
 HF_PREFIX = "hf:"
 PARQUET_SUFFIX = ".parquet"
 INPUT_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", PARQUET_SUFFIX)
-SKIP_REASONS: tuple[str, ...] = ("empty", "binary", "undecodable", "bad_record", "unreadable")
+SKIP_REASONS: tuple[str, ...] = ("empty", "binary", "undecodable", "bad_record", "unreadable", "no_tokens")
 _MAX_SKIP_EXAMPLES = 10
 _HF_BATCH = 1000
 
@@ -115,7 +115,9 @@ class SkipStats:
 
     empty: no non-whitespace text; binary: NUL bytes (not text at all); undecodable: not UTF-8;
     bad_record: a JSON line that is not an object with a string text field; unreadable: a file that
-    could not be read past some point (truncated gzip, corrupt parquet): the records before it are kept.
+    could not be read past some point (truncated gzip, corrupt parquet): the records before it are kept;
+    no_tokens: text the tokenizer turns into no ids at all (e.g. only zero-width spaces or control characters, which
+    bert-base-uncased strips), counted by data_pipeline.prepare after tokenizing.
     """
 
     counts: dict[str, int] = field(default_factory=lambda: {r: 0 for r in SKIP_REASONS})

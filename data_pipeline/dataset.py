@@ -23,15 +23,43 @@ from data_pipeline.corpus import read_documents, source_files
 from data_pipeline.packing import pack_wrap
 from data_pipeline.tokenizers import Tokenizer
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: documents that tokenize to nothing are dropped (1 packed a stray EOS for each)
 _TOKENIZE_CHUNK = 64  # documents per encode_batch call; bounds the Python-int lists alive at once
+
+
+def padding_mask(rows: torch.Tensor, pad_token_id: int | None) -> torch.Tensor | None:
+    """Where `--pad` rows hold padding: bool [n, L], True at padding; None when there is none to mask.
+
+    A padded row is ``BOS doc EOS`` right-padded with EOS (= pad_token_id; data_pipeline.prepare). Its padding is
+    the trailing run of pad ids after the last other token, less the first of them: that one is the document's own
+    EOS, which is real, as the reference's attention_mask counts [SEP] in LM1B rows. The rule holds when the text
+    itself holds the pad id (BERT encodes a literal "[SEP]" as 102; GPT-2's BOS is its EOS): only a document that
+    ends in the pad id's own text loses those trailing copies to the padding. A truncated document fills its row
+    and has none.
+
+    rows: int [n, L]. pad_token_id: None for wrapped data (no padding: returns None without looking at the rows).
+    Also None for a batch without padding, so such batches take exactly the unpadded path.
+    """
+    if pad_token_id is None:
+        return None
+    seq_len = rows.shape[1]
+    other = rows != pad_token_id
+    other[:, 0] = True  # BOS may equal the pad id (GPT-2); an empty document still keeps BOS EOS
+    positions = torch.arange(seq_len, device=rows.device)
+    last_other = torch.where(other, positions, 0).amax(dim=1, keepdim=True)
+    padding = positions > last_other + 1  # last real token: the EOS right after the text
+    return padding if bool(padding.any()) else None
 
 
 @runtime_checkable
 class TokenRows(Protocol):
-    """Fixed-length token rows addressable by index: the reader interface the trainer uses."""
+    """Fixed-length token rows addressable by index: the reader interface the trainer uses.
+
+    pad_token_id: None for wrapped rows (no padding), else the id `--pad` rows are padded with (see padding_mask).
+    """
 
     seq_len: int
+    pad_token_id: int | None
 
     def __len__(self) -> int: ...
 
@@ -43,12 +71,13 @@ class TokenRows(Protocol):
 class InMemoryRows:
     """TokenRows over a packed [num_rows, seq_len] integer array held in memory."""
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, pad_token_id: int | None = None) -> None:
         array = np.asarray(array)
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"expected a 2-D integer array [num_rows, seq_len], got {array.dtype} {array.shape}")
         self._data = array
         self.seq_len: int = int(array.shape[1])
+        self.pad_token_id = pad_token_id
 
     @property
     def data(self) -> np.ndarray:
@@ -76,6 +105,7 @@ class ShuffledStream:
         self.dataset = dataset
         self.seed = int(seed)
         self.seq_len: int = dataset.seq_len
+        self.pad_token_id: int | None = dataset.pad_token_id
         self._perm_cache: dict[int, np.ndarray] = {}
 
     @property
@@ -110,6 +140,11 @@ class ShuffledStream:
     def get(self, sample_indices: np.ndarray) -> torch.Tensor:
         """LongTensor [n, seq_len] of the rows for these global sample indices."""
         return torch.from_numpy(self.dataset.rows(self.row_indices(sample_indices)))
+
+    def get_with_padding(self, sample_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows [n, seq_len], padding [n, seq_len] bool or None): the rows of ``get`` and their padding_mask."""
+        rows = self.get(sample_indices)
+        return rows, padding_mask(rows, self.pad_token_id)
 
 
 def _tokenize(docs: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -196,14 +231,16 @@ def build_text_datasets(
             return InMemoryRows(train), InMemoryRows(val), {**info, "cache_hit": True}
 
     start = time.perf_counter()
-    docs = read_documents(source)
+    tokens = _tokenize(read_documents(source), tokenizer)
+    # A document the tokenizer turns into no ids (only zero-width or control characters for BERT) is not a
+    # document: packing it would only add a stray EOS.
+    docs = [t for t in tokens if t.size]
     if val_docs >= len(docs):
         raise ValueError(
             f"val_docs={val_docs} leaves no training document ({source!r} has {len(docs)} documents); lower val_docs"
         )
     split = len(docs) - val_docs
-    train_tokens = _tokenize(docs[:split], tokenizer)
-    val_tokens = _tokenize(docs[split:], tokenizer)
+    train_tokens, val_tokens = docs[:split], docs[split:]
     train = pack_wrap(train_tokens, seq_len, tokenizer.eos_token_id)
     val = pack_wrap(val_tokens, seq_len, tokenizer.eos_token_id)
     if len(val) == 0:
@@ -219,6 +256,7 @@ def build_text_datasets(
         "tokenizer": tokenizer.name,
         "seq_len": seq_len,
         "num_docs": len(docs),
+        "skipped_no_tokens": len(tokens) - len(docs),
         "train_docs": split,
         "val_docs": val_docs,
         # Token counts include one EOS per document; rows drop each split's final partial row.

@@ -89,15 +89,20 @@ class PrepareSettings:
 
 
 def _encode_chunk(tokenizer_name: str, texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of a chunk with one EOS after each document, flat, plus each document's length (EOS included)."""
+    """Tokens of a chunk with one EOS after each document, flat, plus each document's length (EOS included).
+
+    A document that tokenizes to no ids contributes nothing (not even its EOS) and has length 0, so the caller
+    can skip and count it instead of packing a stray EOS or an empty padded row.
+    """
     tok = get_tokenizer(tokenizer_name)
     ids = tok.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    lengths = np.fromiter((len(x) + 1 if x else 0 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=dtype)
     ends = np.cumsum(lengths)
     for doc, end in zip(ids, ends):
-        flat[end - 1 - len(doc) : end - 1] = doc
-        flat[end - 1] = tok.eos_token_id
+        if doc:
+            flat[end - 1 - len(doc) : end - 1] = doc
+            flat[end - 1] = tok.eos_token_id
     return flat, lengths
 
 
@@ -106,14 +111,11 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _chunks(docs: Iterable[str], hasher: Any) -> Iterator[list[str]]:
+def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
     """Group documents into worker tasks; chunk boundaries never change the output, only the speed."""
     chunk: list[str] = []
     chars = 0
     for doc in docs:
-        data = doc.encode("utf-8")
-        hasher.update(len(data).to_bytes(8, "little"))
-        hasher.update(data)
         chunk.append(doc)
         chars += len(doc)
         if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
@@ -124,21 +126,37 @@ def _chunks(docs: Iterable[str], hasher: Any) -> Iterator[list[str]]:
 
 
 def _encoded(chunks: Iterator[list[str]], tokenizer: str, dtype: str, workers: int
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Encoded chunks in input order; with workers > 1 a bounded window of tasks runs in a process pool."""
+             ) -> Iterator[tuple[list[str], tuple[np.ndarray, np.ndarray]]]:
+    """(texts, encoded) per chunk in input order; with workers > 1 a bounded window of tasks runs in a process pool."""
     if workers == 1:
         for chunk in chunks:
-            yield _encode_chunk(tokenizer, chunk, dtype)
+            yield chunk, _encode_chunk(tokenizer, chunk, dtype)
         return
     # fork: workers inherit the imported tokenizer code and BD3_TOKENIZER_DIR; nothing is pickled but text.
     with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
         pending: deque[Any] = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (tokenizer, chunk, dtype)))
+            pending.append((chunk, pool.apply_async(_encode_chunk, (tokenizer, chunk, dtype))))
             if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
+                chunk_texts, task = pending.popleft()
+                yield chunk_texts, task.get()
         while pending:
-            yield pending.popleft().get()
+            chunk_texts, task = pending.popleft()
+            yield chunk_texts, task.get()
+
+
+def _keep_tokenized(texts: list[str], lengths: np.ndarray, first_doc: int, hasher: Any,
+                    skipped: SkipStats) -> np.ndarray:
+    """Lengths of the documents that gave tokens; the others are counted as skipped (no_tokens), and only the kept
+    ones enter the documents hash, so the manifest describes exactly the documents in the shards."""
+    for i, (text, length) in enumerate(zip(texts, lengths)):
+        if length == 0:
+            skipped.add("no_tokens", f"document {first_doc + i} (0-based, in input order)")
+            continue
+        data = text.encode("utf-8")
+        hasher.update(len(data).to_bytes(8, "little"))
+        hasher.update(data)
+    return lengths[lengths > 0]
 
 
 # ---------------------------------------------------------------- splitting and packing (this process)
@@ -282,7 +300,9 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
 
     val_docs = settings.val_docs
     total_docs = None
-    if val_docs is None:  # a fraction of the usable documents: count them first (reading is cheap next to tokenizing)
+    # A fraction of the usable documents: count them first (reading is cheap next to tokenizing). The count still
+    # includes the rare documents that will tokenize to nothing; the split is then the last val_docs that do not.
+    if val_docs is None:
         total_docs = _count_documents(settings)
         val_docs = max(1, round((settings.val_fraction or DEFAULT_VAL_FRACTION) * total_docs))
 
@@ -310,11 +330,14 @@ def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, ro
     docs = iter_input_documents(settings.input, settings.text_key, settings.hf_split, skipped)
     bar = tqdm(total=total_docs, unit="doc", desc="prepare", disable=not settings.progress or None,
                file=sys.stderr, dynamic_ncols=True)
+    read = 0
     with bar:
-        for tokens, lengths in _encoded(_chunks(docs, hasher), settings.tokenizer, dtype.name, settings.workers):
-            for chunk in holdback.push(tokens, lengths):
+        for texts, (tokens, lengths) in _encoded(_chunks(docs), settings.tokenizer, dtype.name, settings.workers):
+            kept = _keep_tokenized(texts, lengths, read, hasher, skipped)
+            read += len(texts)
+            for chunk in holdback.push(tokens, kept):
                 train.push(*chunk)
-            bar.update(len(lengths))
+            bar.update(len(texts))
     rest, val_part = holdback.finish()
     num_docs = train.docs + len(rest[1]) + len(val_part[1])
     if num_docs == 0:

@@ -86,10 +86,11 @@ class _TarShard:
 class ShardRows:
     """TokenRows over one split of a prepared dataset (any mix of shard sizes), int64 rows by global index."""
 
-    def __init__(self, shard_list: list[_Shard], seq_len: int, name: str) -> None:
+    def __init__(self, shard_list: list[_Shard], seq_len: int, name: str, pad_token_id: int | None = None) -> None:
         self._shards = shard_list
         self.seq_len: int = seq_len
         self.name = name
+        self.pad_token_id = pad_token_id  # set for --pad data (see data_pipeline.dataset.padding_mask)
         self._starts = np.cumsum([0] + [s.rows for s in shard_list], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -200,7 +201,8 @@ def open_rows(path: str, split: str, expect_tokenizer: str, expect_seq_len: int,
             opened.append(_MemmapShard(file, entry["rows"], seq_len, dtype))
         else:
             opened.append(_TarShard(file, _tar_offsets(file, entry, seq_len, dtype), seq_len, dtype))
-    rows = ShardRows(opened, seq_len, name=f"{root}:{split}")
+    pad_id = manifest.get("pad_token_id") if manifest.get("pack") == "pad" else None
+    rows = ShardRows(opened, seq_len, name=f"{root}:{split}", pad_token_id=pad_id)
     if len(rows) != manifest["splits"][split]["rows"]:
         raise ValueError(f"{root}: the {split} shards hold {len(rows)} rows, the manifest says "
                          f"{manifest['splits'][split]['rows']}; re-run data_pipeline.prepare")

@@ -249,23 +249,37 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
+class IncompatibleData(ValueError):
+    """Prepared shards made for another tokenizer, row length or vocabulary than the caller's.
+
+    The message tells a training run what to change (its config keys); tools without those options (eval_ppl)
+    catch this and word the fix in their own terms from ``field`` ("tokenizer", "seq_len" or "vocab_size"),
+    ``got`` (the shards' value), ``want`` (the caller's) and ``where`` (the dataset).
+    """
+
+    def __init__(self, message: str, *, field: str, got: Any, want: Any, where: str) -> None:
+        super().__init__(message)
+        self.field, self.got, self.want, self.where = field, got, want, where
+
+
 def check_compatible(manifest: dict[str, Any], expect_tokenizer: str, expect_seq_len: int,
                      expect_vocab_size: int | None = None, where: str = "prepared dataset") -> None:
-    """Refuse shards made for another tokenizer, row length or vocabulary, naming both values and the fix."""
+    """Refuse shards made for another tokenizer, row length or vocabulary (IncompatibleData naming both values
+    and the fix for a training run)."""
     got_tok, got_len = manifest["tokenizer"]["name"], int(manifest["seq_len"])
     if got_tok != expect_tokenizer:
-        raise ValueError(
+        raise IncompatibleData(
             f"{where} was prepared with tokenizer {got_tok!r} but the config asks for {expect_tokenizer!r}; "
-            f"set data.tokenizer={got_tok} or re-run prepare with --tokenizer {expect_tokenizer}"
-        )
+            f"set data.tokenizer={got_tok} or re-run prepare with --tokenizer {expect_tokenizer}",
+            field="tokenizer", got=got_tok, want=expect_tokenizer, where=where)
     if got_len != expect_seq_len:
-        raise ValueError(
+        raise IncompatibleData(
             f"{where} has rows of seq_len {got_len} but the config asks for {expect_seq_len}; "
-            f"set model.seq_len={got_len} or re-run prepare with --seq-len {expect_seq_len}"
-        )
+            f"set model.seq_len={got_len} or re-run prepare with --seq-len {expect_seq_len}",
+            field="seq_len", got=got_len, want=expect_seq_len, where=where)
     got_vocab = int(manifest["tokenizer"]["vocab_size"])
     if expect_vocab_size is not None and got_vocab != expect_vocab_size:
-        raise ValueError(
+        raise IncompatibleData(
             f"{where} was tokenized with a {got_tok} vocabulary of {got_vocab} ids but this tokenizer has "
-            f"{expect_vocab_size}; use the same tokenizer files (BD3_TOKENIZER_DIR) or re-run prepare"
-        )
+            f"{expect_vocab_size}; use the same tokenizer files (BD3_TOKENIZER_DIR) or re-run prepare",
+            field="vocab_size", got=got_vocab, want=expect_vocab_size, where=where)

@@ -176,6 +176,26 @@ def test_the_searched_clip_window_is_exported(train_state, tmp_path):
     assert to_hf(ck)[0]["sampling_eps_min"] == 0.3
 
 
+def test_hf_config_values_are_the_checkpoints(train_state, tmp_path):
+    """Every run-dependent field of the exported HF config is the checkpoint's value (dropout 0.25, not the
+    reference default 0.1), and it survives hf -> native -> hf."""
+    meta = metadata()
+    meta["config"]["model"]["dropout"] = 0.25
+    write_checkpoint(tmp_path / "ckpt", 3, 1, 1, {(0, 0): train_state}, dict(meta, clip_window=[0.3, 0.75]))
+    ck = convert.gather_training_checkpoint(tmp_path / "ckpt/step_00000003")
+    config = to_hf(ck)[0]
+    m = meta["config"]["model"]
+    assert config["dropout"] == 0.25
+    assert (config["hidden_dim"], config["n_blocks"], config["n_heads"]) == (m["hidden_size"], m["num_layers"],
+                                                                             m["num_heads"])
+    assert (config["model_length"], config["block_size"], config["vocab_size"]) == (SEQ, BLOCK, VOCAB)
+    assert (config["sampling_eps_min"], config["sampling_eps_max"]) == (0.3, 0.75)
+    assert config["bd3_megatron"]["mask_token_id"] == MASK_ID
+    save_hf(ck, tmp_path / "hf")
+    save_native(load_hf(tmp_path / "hf"), tmp_path / "native")
+    assert to_hf(load_native(tmp_path / "native"))[0]["dropout"] == 0.25
+
+
 def test_missing_stage_file_and_truncated_shard_are_refused(train_state, tmp_path):
     from bd3_megatron.training.checkpoint import CheckpointError
 

@@ -57,3 +57,32 @@ def test_eval_ppl_on_a_training_checkpoint(tmp_path, data_cache):
 
     bad = eval_ppl("--checkpoint", str(tmp_path / "missing"))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+
+
+def test_eval_ppl_errors_say_what_to_do_with_eval_ppl(tmp_path):
+    """Data prepared for another tokenizer or row length, and a block size that does not divide seq_len: one error
+    line that names eval_ppl's own remedy (--data prepared for the checkpoint, --block-size), never config keys
+    (data.tokenizer=, model.seq_len=, model.block_size) that eval_ppl has no option for."""
+    from data_pipeline.prepare import PrepareSettings, prepare
+    from tests.test_convert import metadata, write_checkpoint
+
+    meta = metadata(vocab_size=50258)  # data.tokenizer gpt2, model.seq_len 16
+    write_checkpoint(tmp_path / "ckpt", 1, 1, 1, {(0, 0): {"model": {}}}, meta)
+    (tmp_path / "docs").mkdir()
+    for i in range(4):
+        (tmp_path / "docs" / f"{i}.txt").write_text(" ".join(f"word{i}x{j}" for j in range(60)))
+    for name, tok, seq in (("bert", "bert-base-uncased", 16), ("len32", "gpt2", 32)):
+        prepare(PrepareSettings(input=str(tmp_path / "docs"), output=str(tmp_path / name), tokenizer=tok,
+                                seq_len=seq, val_docs=1, progress=False))
+    cases = [(["--data", str(tmp_path / "bert")], "was prepared with tokenizer 'bert-base-uncased' but the "
+              "checkpoint was trained with 'gpt2'; pass --data a folder prepared for it (python -m "
+              "data_pipeline.prepare --input TEXT --output DIR --tokenizer gpt2 --seq-len 16)"),
+             (["--data", str(tmp_path / "len32")], "has rows of 32 tokens but the checkpoint was trained with "
+              "seq_len 16; pass --data a folder prepared for it (python -m data_pipeline.prepare --input TEXT "
+              "--output DIR --tokenizer gpt2 --seq-len 16)"),
+             (["--block-size", "5"], "--block-size 5 must divide the checkpoint's seq_len 16")]
+    for extra, want in cases:
+        res = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), *extra)
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and last.startswith("error: ") and want in last, res.stderr[-2000:]
+        assert not any(key in last for key in ("data.tokenizer", "model.seq_len", "model.block_size"))

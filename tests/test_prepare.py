@@ -192,12 +192,46 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
     docs = list(iter_input_documents(str(src), skipped=skipped))
     assert docs[:4] == [good[0], good[1], good[2], good[3]]
     assert len(docs) > 4 and set(docs[4:]) <= {good[4], good[5]}  # what precedes the gzip cut is kept
-    assert skipped.counts == {"empty": 2, "binary": 1, "undecodable": 2, "bad_record": 4, "unreadable": 1}
+    assert skipped.counts == {"empty": 2, "binary": 1, "undecodable": 2, "bad_record": 4, "unreadable": 1,
+                              "no_tokens": 0}  # counted by prepare, after tokenizing
     assert any("c_binary.txt" in e for e in skipped.examples)
 
     manifest = prepare(_settings(src, tmp_path / "out", seq_len=16, val_docs=1))
     assert manifest["skipped"]["total"] == 10 and manifest["skipped"]["bad_record"] == 4
     assert manifest["source"]["num_docs"] == len(docs)
+
+
+@pytest.mark.parametrize("pack", ["pad", "wrap"])
+def test_documents_that_tokenize_to_nothing_are_skipped(tmp_path: Path, pack: str) -> None:
+    """Zero-width spaces or control characters only: not empty text, but no bert-base-uncased ids. Such a document
+    is skipped as no_tokens: no [CLS] + [SEP]... row (--pad), no stray EOS (--wrap), not counted, not hashed."""
+    good = _docs(5)
+    nothing = ["\u200b\u200b\u200b", "\x01\x02\x7f", "\u200b \x03 \u200c\ufeff"]
+    tok = get_tokenizer(TOK)
+    assert all(t.strip() and tok.encode(t) == [] for t in nothing)
+    texts = [good[0], nothing[0], good[1], nothing[1], good[2], good[3], nothing[2], good[4]]
+    (tmp_path / "with.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "without.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in good))
+    kw = dict(seq_len=16, val_docs=1, pack=pack)
+    manifest = prepare(_settings(tmp_path / "with.jsonl", tmp_path / "out", **kw))
+    clean = prepare(_settings(tmp_path / "without.jsonl", tmp_path / "clean", **kw))
+    assert manifest["skipped"]["no_tokens"] == 3 and manifest["skipped"]["total"] == 3
+    assert all("no_tokens" in e for e in manifest["skipped"]["examples"])
+    assert manifest["source"]["num_docs"] == 5 and manifest["splits"]["train"]["docs"] == 4
+    assert manifest["source"]["documents_sha256"] == clean["source"]["documents_sha256"]
+    assert manifest["splits"] == clean["splits"] and _shard_files(tmp_path / "out") == _shard_files(tmp_path / "clean")
+    train = open_rows(str(tmp_path / "out"), "train", TOK, 16)
+    rows = train.rows(np.arange(len(train)))
+    if pack == "pad":  # one row per real document, each starting with text after [CLS]
+        assert len(rows) == 4 and all(r[1] != tok.eos_token_id for r in rows)
+    else:  # the token stream is exactly the real documents with one EOS each
+        stream = _stream(good[:4])
+        assert unpack_stream(rows).tolist() == stream[: len(rows) * 16].tolist()
+
+    # the in-memory reader (data.path = a .jsonl) drops them as well
+    train_m, val_m, info = build_text_datasets(str(tmp_path / "with.jsonl"), tok, 16, 1)
+    assert info["num_docs"] == 5 and info["skipped_no_tokens"] == 3
+    assert unpack_stream(train_m.data).tolist() == _stream(good[:4])[: len(train_m) * 16].tolist()
 
 
 def test_val_fraction_counts_usable_documents(tmp_path: Path) -> None:

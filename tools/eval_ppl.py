@@ -20,6 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python tools/eval_ppl.py` runs this checkout's code, as tools/convert.py does
+    sys.path.insert(0, str(ROOT))
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,6 +53,7 @@ def build_evaluator(args):
     from bd3_megatron.parallel import state
     from bd3_megatron.training import checkpoint as ckpt
     from bd3_megatron.training.trainer import Trainer
+    from data_pipeline.shards import IncompatibleData
 
     path = ckpt.resolve_checkpoint(args.checkpoint, None)
     meta = ckpt.read_metadata(path)
@@ -64,15 +69,37 @@ def build_evaluator(args):
     if args.data:
         raw["data"] = dict(raw["data"], path=args.data)
     if args.block_size:
+        seq_len = raw["model"]["seq_len"]
+        if args.block_size < 1 or seq_len % args.block_size:  # else the config check would name model.* keys
+            raise ValueError(f"--block-size {args.block_size} must divide the checkpoint's seq_len {seq_len}; "
+                             f"pick a divisor of {seq_len}")
         raw["model"] = dict(raw["model"], block_size=args.block_size)
         if raw["sample"].get("length") and raw["sample"]["length"] % args.block_size:
             raw["sample"]["length"] = None
     cfg = config_from_dict(raw)
     ctx = state.initialize(1, 1, cfg.train.seed, cfg.parallel.device, env=state.LaunchEnv(0, 1, 0, "single"))
-    trainer = Trainer(cfg, ctx)
+    try:
+        trainer = Trainer(cfg, ctx)
+    except IncompatibleData as exc:  # its message names training config keys; eval_ppl's only choice is --data
+        raise ValueError(incompatible_data_message(exc, cfg)) from None
     weights, ema = ckpt.load_resharded(path, meta, trainer.named, trainer.canonical)
     trainer.load_weights(weights if args.raw or ema is None else ema["shadow"], source=path)
     return trainer, path, meta
+
+
+def incompatible_data_message(exc, cfg) -> str:
+    """The fix for evaluation data that does not match the checkpoint, in eval_ppl's terms: the checkpoint fixes the
+    tokenizer and seq_len, so the data has to be prepared for them (or --data left out)."""
+    prepare = (f"python -m data_pipeline.prepare --input TEXT --output DIR --tokenizer {cfg.data.tokenizer} "
+               f"--seq-len {cfg.model.seq_len}")
+    fix = f"pass --data a folder prepared for it ({prepare}), or leave --data out to use the run's validation data"
+    if exc.field == "tokenizer":
+        return (f"evaluation data {exc.where} was prepared with tokenizer {exc.got!r} but the checkpoint was trained "
+                f"with {exc.want!r}; {fix}")
+    if exc.field == "seq_len":
+        return (f"evaluation data {exc.where} has rows of {exc.got} tokens but the checkpoint was trained with "
+                f"seq_len {exc.want}; {fix}")
+    return str(exc)
 
 
 def nelbo_k_samples(trainer, k: int, window=None) -> list[float]:

@@ -135,22 +135,57 @@ def flex_block_mask(seq_len: int, block_size: int, device: torch.device | str, b
     return _flex(seq_len, block_size, _device_key(device), block_tile)
 
 
-@functools.lru_cache(maxsize=16)
-def _flex_rows(mask_mod: MaskMod, rows: int, kv_len: int, device: str, tile: tuple):
+def _flex_rows(mask_mod: MaskMod, batch: int | None, rows: int, kv_len: int, device: str, tile: tuple):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=rows, KV_LEN=kv_len, device=device, BLOCK_SIZE=tile)
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=rows, KV_LEN=kv_len, device=device, BLOCK_SIZE=tile)
+
+
+_flex_rows_cached = functools.lru_cache(maxsize=16)(_flex_rows)  # the shared BD3 masks: one per shape
 
 
 def noisy_query_rows(mask, rows: int):
     """The first ``rows`` query rows of a mask over x_t ⊕ x (rows = L: the noisy half) against every key.
 
-    Dense [2L, 2L] bool -> a [L, 2L] view; flex BlockMask -> the BlockMask of the same ``mask_mod`` with
-    Q_LEN = L (built once per shape and cached). Used by the model's last layer, which computes noisy queries only.
+    Dense [..., 2L, 2L] bool -> a [..., L, 2L] view; flex BlockMask -> the BlockMask of the same ``mask_mod`` with
+    Q_LEN = L (the shared mask: built once per shape and cached; a per-batch padded mask: built for this batch).
+    Used by the model's last layer, which computes noisy queries only.
     """
     if isinstance(mask, torch.Tensor):
-        return mask[:rows]
-    return _flex_rows(mask.mask_mod, rows, mask.seq_lengths[1], str(mask.kv_indices.device), tuple(mask.BLOCK_SIZE))
+        return mask[..., :rows, :]
+    batch = mask.kv_num_blocks.shape[0]
+    args = (mask.mask_mod, None if batch == 1 else batch, rows, mask.seq_lengths[1], str(mask.kv_indices.device),
+            tuple(mask.BLOCK_SIZE))
+    return _flex_rows_cached(*args) if batch == 1 else _flex_rows(*args)
+
+
+def with_key_padding(mask_mod: MaskMod, key_padding: torch.Tensor) -> MaskMod:
+    """``mask_mod`` with padding keys hidden: query q of row b may attend key k iff the base mask allows it and k is
+    not padding, and every query attends itself, so a padding query's softmax row is never empty (SDPA and flex
+    give NaN for a row with every key masked). key_padding: bool [b, S], True at padding positions of the stream."""
+
+    def padded_mod(b, h, q_idx, kv_idx):
+        return (mask_mod(b, h, q_idx, kv_idx) & ~key_padding[b, kv_idx]) | (q_idx == kv_idx)
+
+    return padded_mod
+
+
+def padded_dense(mask: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+    """A dense [S, S] mask with padding keys hidden per row (see :func:`with_key_padding`): bool [b, 1, S, S]."""
+    eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
+    return ((mask[None] & ~key_padding[:, None, :]) | eye)[:, None]
+
+
+def padded_flex_block_mask(seq_len: int, block_size: int, key_padding: torch.Tensor, block_tile: int = 128):
+    """FlexAttention BlockMask of the BD3 mask with padding keys hidden (see :func:`with_key_padding`), one per batch
+    row. Built per batch (not cached): only batches that hold padding need it. key_padding: bool [b, 2L]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _check(seq_len, block_size)
+    n = 2 * seq_len
+    mod = with_key_padding(make_mask_mod(seq_len, block_size), key_padding)
+    return create_block_mask(mod, B=key_padding.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=key_padding.device,
+                             BLOCK_SIZE=block_tile)
 
 
 def effective_dense(block_mask, mask_mod: MaskMod | None = None, n: int | None = None) -> torch.Tensor:

@@ -35,12 +35,25 @@ def clip_window_grid(widths: Sequence[float], delta: float, block_size: int | No
     return windows
 
 
-def block_means(token_terms: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Per-block NELBO estimates [b, num_blocks] from per-token terms [b, L] (mean over each block's tokens)."""
+def block_means(token_terms: torch.Tensor, block_size: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-block NELBO estimates [b, num_blocks] from per-token terms [b, L] (mean over each block's tokens).
+
+    real: optional bool [b, L], False at padding: then the mean is over each block's real tokens, and a block of
+    padding only (no estimate at all) gets 0; callers drop those blocks (see block_has_tokens)."""
     b, seq = token_terms.shape
     if seq % block_size:
         raise ValueError(f"sequence length {seq} is not a multiple of block_size {block_size}")
-    return token_terms.reshape(b, seq // block_size, block_size).mean(-1)
+    if real is None:
+        return token_terms.reshape(b, seq // block_size, block_size).mean(-1)
+    blocks = (b, seq // block_size, block_size)
+    sums = torch.where(real, token_terms, torch.zeros_like(token_terms)).reshape(blocks).sum(-1)
+    return sums / real.reshape(blocks).sum(-1).clamp_min(1)
+
+
+def block_has_tokens(real: torch.Tensor, block_size: int) -> torch.Tensor:
+    """bool [b, num_blocks]: which blocks hold at least one real token (real: bool [b, L], False at padding)."""
+    b, seq = real.shape
+    return real.reshape(b, seq // block_size, block_size).any(-1)
 
 
 def variance_score(per_batch_block_losses: Iterable[torch.Tensor]) -> float:

@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from bd3_megatron.diffusion import masks
-from bd3_megatron.model.attention import BD3CoreAttention
+from bd3_megatron.model.attention import BD3CoreAttention, is_block_mask
 from bd3_megatron.model.head import linear_cross_entropy
 
 
@@ -238,9 +238,18 @@ class BD3Model(MegatronModule):
                 self._masks[key] = masks.block_causal_mask(seq_len, 1, device=device)
         return self._masks[key]
 
-    def _bd3_hidden(self, xt, x0):
+    def _padded_mask(self, mask, key_padding: torch.Tensor, seq_len: int, streams: int):
+        """The stream mask with padding keys hidden from every query (each query still attends itself), per batch
+        row. key_padding [b, L] marks a row's padding; both halves of x_t ⊕ x0 share it."""
+        key_padding = key_padding.to(self.rotary.inv_freq.device).repeat(1, streams)
+        if is_block_mask(mask):
+            return masks.padded_flex_block_mask(seq_len, self.spec.block_size, key_padding)
+        return masks.padded_dense(mask, key_padding)
+
+    def _bd3_hidden(self, xt, x0, key_padding: torch.Tensor | None = None):
         """Hidden states of this stage and L. bd3 runs x_t ⊕ x0 (2L tokens, positions shared by both halves);
-        mdlm runs x_t alone and ar x0 alone (L tokens)."""
+        mdlm runs x_t alone and ar x0 alone (L tokens). key_padding [b, L] (True at padding, optional) hides padding
+        keys; without it the cached mask is used unchanged."""
         streams = 2 if self.spec.mode == "bd3" else 1
         if self.pre_process:
             seq_len = (x0 if x0 is not None else xt).shape[1]
@@ -252,14 +261,19 @@ class BD3Model(MegatronModule):
         if self.pre_process:
             ids = {"bd3": lambda: torch.cat([xt, x0], dim=1), "mdlm": lambda: xt, "ar": lambda: x0}[self.spec.mode]()
         positions = positions.repeat(streams)
-        return self.encode(ids, positions, self._stream_mask(seq_len, device)), seq_len
+        mask = self._stream_mask(seq_len, device)
+        if key_padding is not None:
+            mask = self._padded_mask(mask, key_padding, seq_len, streams)
+        return self.encode(ids, positions, mask), seq_len
 
     def forward(self, xt: torch.Tensor | None, x0: torch.Tensor | None, loss_mask: torch.Tensor | None = None,
-                loss_weight: torch.Tensor | None = None):
+                loss_weight: torch.Tensor | None = None, key_padding: torch.Tensor | None = None):
         """Training/eval forward.
 
         xt, x0: [b, L] token ids (first stage; ``None`` on later stages); loss_mask: [b, L] bool, the positions
-        predicted; loss_weight: [b, L] fp32 per-token NELBO weight (0 off the mask) or None.
+        predicted; loss_weight: [b, L] fp32 per-token NELBO weight (0 off the mask) or None; key_padding: [b, L]
+        bool, True at padding of --pad rows (every pipeline stage gets it): no real token attends a padding position
+        of either half, so padding values cannot change a real token's output.
 
         Returns hidden states [S, b, h] on non-last pipeline stages; on the last stage a :class:`HeadOutput`: the
         per-token cross-entropy [b, L] (fp32, no gradient) at ``loss_mask`` positions and 0 elsewhere — for bd3/mdlm
@@ -267,7 +281,7 @@ class BD3Model(MegatronModule):
         l-1; position 0 has no prediction) — and ``nelbo_sum`` = Σ loss_weight·ce, the differentiable training
         objective (0 without ``loss_weight``).
         """
-        hidden, seq_len = self._bd3_hidden(xt, x0)
+        hidden, seq_len = self._bd3_hidden(xt, x0, key_padding)
         if not self.post_process:
             return hidden
         out = hidden[:seq_len].transpose(0, 1)  # [b, L, h]; in bd3 the clean half feeds attention only

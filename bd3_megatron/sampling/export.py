@@ -294,15 +294,20 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
         "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
         "sampling_eps_max": torch.tensor(float(ckpt.clip_window[1]), **f32),
     })
+    # Run values come from the checkpoint's config; the rest describe the tensors written above (cross_attn, adaln
+    # with cond_dim-wide zero weights, no causal mask or time conditioning, the clip-window buffers), and
+    # attn_backend is the one the reference HF module samples with (it asserts sdpa in sample mode).
     config = {
         "model_type": "bd3lm", "architectures": ["BD3LM"], "return_dict": False,
         "block_size": cfg.block_size, "vocab_size": cfg.vocab_size, "model_length": cfg.seq_len,
         "cross_attn": True, "adaln": True, "attn_backend": "sdpa", "causal": False, "hidden_dim": h,
-        "cond_dim": cond, "n_blocks": cfg.num_layers, "n_heads": heads, "dropout": 0.1, "time_conditioning": False,
+        "cond_dim": cond, "n_blocks": cfg.num_layers, "n_heads": heads, "time_conditioning": False,
         "var_min": True, "sampling_eps_min": float(ckpt.clip_window[0]), "sampling_eps_max": float(ckpt.clip_window[1]),
         # read back by load_hf; the reference config ignores unknown keys
         "bd3_megatron": {"mask_token_id": cfg.mask_token_id, "tokenizer": ckpt.tokenizer, "source": ckpt.source},
     }
+    if cfg.dropout is not None:  # unknown (an old sampler folder): left out rather than invented
+        config["dropout"] = float(cfg.dropout)
     return config, out
 
 
@@ -391,7 +396,8 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
     eps = tuple(_clip_value(config, s, k, d) for k, d in (("sampling_eps_min", 1e-3), ("sampling_eps_max", 1.0)))
     net_cfg = NetConfig(num_layers=n, hidden_size=h, num_heads=heads, ffn_hidden_size=4 * h, vocab_size=vocab,
                         mask_token_id=int(mask_id), seq_len=int(config["model_length"]),
-                        block_size=int(config["block_size"]))
+                        block_size=int(config["block_size"]),
+                        dropout=float(config["dropout"]) if config.get("dropout") is not None else None)
     notes = []
     if adaln:
         notes.append("ignored backbone.sigma_map.* (the time embedding: unused because every adaLN weight is zero "

@@ -39,6 +39,9 @@ class NetConfig:
     layernorm_eps: float = 1e-5
     rope_base: float = 10000.0
     mode: str = "bd3"  # bd3 (block diffusion) | ar (the causal next-token baseline on the same backbone)
+    # hidden dropout the run trained with: never applied here (inference only), carried so an exported HF config
+    # states the run's value; None when the source did not record it
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("bd3", "ar"):

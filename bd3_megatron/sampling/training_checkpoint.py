@@ -52,7 +52,7 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
         return NetConfig(num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_heads=m["num_heads"],
                          ffn_hidden_size=m.get("ffn_hidden_size") or 4 * m["hidden_size"],
                          vocab_size=int(meta["vocab_size"]), mask_token_id=int(meta["mask_token_id"]),
-                         seq_len=m["seq_len"], block_size=m["block_size"], mode=mode)
+                         seq_len=m["seq_len"], block_size=m["block_size"], mode=mode, dropout=m.get("dropout"))
     except KeyError as exc:
         raise ValueError(f"checkpoint metadata lacks {exc}; it was not written by this trainer") from None
 

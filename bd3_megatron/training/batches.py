@@ -25,6 +25,15 @@ class MicroBatch:
     weight: torch.Tensor  # [b, L] fp32 NELBO weight per token (loss_weight(t) on masked positions, else 0)
     t: torch.Tensor  # [b, num_blocks] the diffusion time of each block
     sample_index: torch.Tensor  # [b] global sample indices
+    # [b, L] bool, True at padding of --pad rows (data_pipeline.dataset.padding_mask); None when the batch has none.
+    # Padding is never masked or scored (weight 0), is left out of the token average, and the model hides it from
+    # every real token's attention, as the reference does with LM1B's attention_mask.
+    padding: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int | torch.Tensor:
+        """Tokens the NELBO averages over: all b*L, or the real (non-padding) ones (reference: Σ loss·mask / Σ mask)."""
+        return self.x0.numel() if self.padding is None else (~self.padding).sum()
 
 
 def sample_indices(step: int, micro: int, dp_rank: int, dp: int, micro_batch: int, global_batch: int) -> np.ndarray:
@@ -44,12 +53,17 @@ class BatchMaker:
         self.schedule = get_schedule(d.schedule)
 
     def corrupt(self, x0: torch.Tensor, sample_index: torch.Tensor, step: int, *, window: ClipWindow | None = None,
-                resample: bool | None = None, global_batch: int | None = None, seed_offset: int = 0) -> MicroBatch:
+                resample: bool | None = None, global_batch: int | None = None, seed_offset: int = 0,
+                padding: torch.Tensor | None = None) -> MicroBatch:
         """Training batches use the current window (``self.window``, moved by the clip search) with the configured
-        resampling; evaluation passes its own window, and resampling only if asked."""
+        resampling; evaluation passes its own window, and resampling only if asked. ``padding`` [b, L] (True at
+        padding, or None) comes with --pad rows: padding positions are never masked, so their weight is 0; the noise
+        of every real token is the same as without it."""
         d = self.cfg.diffusion
+        if padding is not None:
+            padding = padding.to(self.device)
         if self.cfg.model.mode == "ar":
-            return self._next_token_batch(x0.to(self.device), sample_index.to(self.device))
+            return self._next_token_batch(x0.to(self.device), sample_index.to(self.device), padding)
         if resample is None:
             resample = d.resample and window is None
         x0 = x0.to(self.device)
@@ -60,17 +74,27 @@ class BatchMaker:
                           global_batch_size=global_batch or self.cfg.train.global_batch_size,
                           antithetic=d.antithetic, resample=resample, ignore_bos=d.ignore_bos,
                           max_tries=d.resample_tries)
+        masked, xt = c.masked, c.xt
+        if padding is not None:  # drawn as usual (same keys), then padding is taken out of the mask
+            masked = masked & ~padding
+            xt = torch.where(padding, x0, xt)
         # per-token NELBO weight: the SUBS NELBO of a unit cross-entropy at every token
-        weight = token_nelbo(torch.ones_like(c.t_tokens), c.masked, c.t_tokens, self.schedule)
-        return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), t=c.t,
-                          sample_index=sample_index)
+        weight = token_nelbo(torch.ones_like(c.t_tokens), masked, c.t_tokens, self.schedule)
+        return MicroBatch(x0=x0, xt=xt, masked=masked, weight=weight.float(), t=c.t,
+                          sample_index=sample_index, padding=padding)
 
-    def _next_token_batch(self, x0: torch.Tensor, sample_index: torch.Tensor) -> MicroBatch:
-        """The AR baseline: predict every token but the first from its prefix. The weight L/(L-1) makes the mean over
-        all L tokens (the loss convention) equal the mean NLL of the L-1 predicted ones."""
+    def _next_token_batch(self, x0: torch.Tensor, sample_index: torch.Tensor,
+                          padding: torch.Tensor | None = None) -> MicroBatch:
+        """The AR baseline: predict every real token but the first from its prefix. The weight (tokens averaged over) /
+        (tokens predicted), L/(L-1) without padding, makes the loss mean equal the mean NLL of the predicted ones."""
         b, seq = x0.shape
         predicted = torch.ones_like(x0, dtype=torch.bool)
         predicted[:, 0] = False
-        weight = predicted.float() * (seq / max(seq - 1, 1))
+        if padding is None:
+            weight = predicted.float() * (seq / max(seq - 1, 1))
+        else:
+            predicted &= ~padding
+            weight = predicted.float() * ((~padding).sum() / predicted.sum().clamp_min(1))
         t = torch.ones(b, seq // self.cfg.model.block_size, device=x0.device)
-        return MicroBatch(x0=x0, xt=x0, masked=predicted, weight=weight, t=t, sample_index=sample_index)
+        return MicroBatch(x0=x0, xt=x0, masked=predicted, weight=weight, t=t, sample_index=sample_index,
+                          padding=padding)

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from bd3_megatron.config import Config, validate_layout
 from bd3_megatron.diffusion.schedule import ClipWindow
-from bd3_megatron.diffusion.variance import block_means, clip_window_grid, search_clip_window
+from bd3_megatron.diffusion.variance import block_has_tokens, block_means, clip_window_grid, search_clip_window
 from bd3_megatron.model.bd3_model import HeadOutput, canonical_parameter_names
 from bd3_megatron.model.build import build_model, precision_dtype
 from bd3_megatron.parallel.device import device_redirect
@@ -23,6 +23,7 @@ from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
 from bd3_megatron.training.metrics import MetricsLogger
 from bd3_megatron.training.optim import EMA, lr_at
+from data_pipeline.dataset import padding_mask
 
 EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
 
@@ -55,16 +56,28 @@ class TrainingStopped(RuntimeError):
 
 
 def loss_from_head(batch: MicroBatch, block_size: int, out: HeadOutput):
-    """megatron schedule loss_func: NELBO averaged over all b·L tokens of the micro-batch (reference convention),
-    plus the per-block estimates the clip-window search and the variance monitor score.
+    """megatron schedule loss_func: NELBO averaged over all (real: padding excluded) tokens of the micro-batch
+    (reference convention), plus the per-block estimates the clip-window search and the variance monitor score; with
+    padding also ``block_keep`` [b, num_blocks], the blocks that hold real tokens (the others have no estimate).
 
     ``out.nelbo_sum`` (Σ weight·CE over the masked tokens, differentiable) carries the gradient; the per-token terms
     ``out.ce · batch.weight`` [b, L] (no gradient) feed the statistics."""
     weighted = out.ce * batch.weight
-    loss = out.nelbo_sum / weighted.numel()
-    return loss, {"loss": loss.detach().clone(), "weighted_sum": weighted.sum(),
-                  "tokens": torch.tensor(float(weighted.numel())),
-                  "block_losses": block_means(weighted, block_size), "block_t": batch.t}
+    tokens = batch.num_tokens  # the int b*L without padding: wrapped batches compute exactly what they always did
+    loss = out.nelbo_sum / tokens
+    report = {"loss": loss.detach().clone(), "weighted_sum": weighted.sum(),
+              "tokens": torch.as_tensor(tokens).float(), "block_t": batch.t}
+    if batch.padding is None:
+        return loss, {**report, "block_losses": block_means(weighted, block_size)}
+    real = ~batch.padding
+    return loss, {**report, "block_losses": block_means(weighted, block_size, real),
+                  "block_keep": block_has_tokens(real, block_size)}
+
+
+def _kept_blocks(report: dict, key: str) -> torch.Tensor:
+    """A report's per-block values (block_losses or block_t), flat, without the blocks of padding only."""
+    keep = report.get("block_keep")
+    return report[key].flatten() if keep is None else report[key][keep]
 
 
 class Trainer:
@@ -111,7 +124,7 @@ class Trainer:
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             with self.ctx.runtime.autocast(self.dtype):
-                out = model(batch.xt, batch.x0, batch.masked, batch.weight)
+                out = model(batch.xt, batch.x0, batch.masked, batch.weight, batch.padding)
             return out, partial(loss_from_head, batch, self.cfg.model.block_size)
 
         with device_redirect():
@@ -125,7 +138,8 @@ class Trainer:
         out = []
         for m in range(self.micro_batches):
             idx = sample_indices(step, m, self.ctx.dp_rank, self.dp, t.micro_batch_size, t.global_batch_size)
-            out.append(self.batches.corrupt(self.stream.get(idx), torch.from_numpy(idx), step))
+            x0, padding = self.stream.get_with_padding(idx)
+            out.append(self.batches.corrupt(x0, torch.from_numpy(idx), step, padding=padding))
         return out
 
     def train_step(self) -> dict:
@@ -139,7 +153,7 @@ class Trainer:
             reports = []
             for batch in micro:
                 with self.ctx.runtime.autocast(self.dtype):
-                    out = self.engine.engine(batch.xt, batch.x0, batch.masked, batch.weight)
+                    out = self.engine.engine(batch.xt, batch.x0, batch.masked, batch.weight, batch.padding)
                 loss, report = loss_from_head(batch, self.cfg.model.block_size, out)
                 self.engine.backward(loss)
                 reports.append(report)
@@ -178,8 +192,8 @@ class Trainer:
     def _nelbo_statistics(self, reports: list[dict], buckets: int = 10) -> dict:
         """Cheap live variance monitoring: mean and variance of the step's per-block NELBO estimates over all
         micro-batches and data-parallel ranks, and the mean loss per t bucket (one small all-reduce)."""
-        bl = torch.cat([r["block_losses"].flatten() for r in reports]).double()
-        bt = torch.cat([r["block_t"].flatten() for r in reports]).to(bl.device)
+        bl = torch.cat([_kept_blocks(r, "block_losses") for r in reports]).double()
+        bt = torch.cat([_kept_blocks(r, "block_t") for r in reports]).to(bl.device)
         idx = torch.clamp((bt * buckets).long(), 0, buckets - 1)
         vec = torch.cat([torch.stack([bl.sum(), (bl * bl).sum(), torch.tensor(float(bl.numel()), dtype=bl.dtype,
                                                                                  device=bl.device)]),
@@ -227,7 +241,8 @@ class Trainer:
             x0 = torch.from_numpy(self.val_rows.rows(idx))
             out.append(self.batches.corrupt(x0, torch.from_numpy(idx), 0, window=window, resample=resample,
                                             global_batch=n_batches * per_pass,
-                                            seed_offset=EVAL_SEED_OFFSET + 104729 * noise_draw))
+                                            seed_offset=EVAL_SEED_OFFSET + 104729 * noise_draw,
+                                            padding=padding_mask(x0, self.val_rows.pad_token_id)))
         return out
 
     @contextlib.contextmanager
@@ -278,7 +293,7 @@ class Trainer:
         def estimates(window: ClipWindow) -> list[torch.Tensor]:
             reports = self._run_schedule(self._val_micro_batches(n_batches, window, resample=d.resample),
                                          forward_only=True)
-            return [self._gather_data_parallel(r["block_losses"]) for r in reports]
+            return [self._gathered_block_losses(r) for r in reports]
 
         if self.ctx.is_last_stage:
             best, scores = search_clip_window(windows, estimates)
@@ -295,6 +310,16 @@ class Trainer:
             self.batches.window = best
         return {"clip_window": [best.eps_min, best.eps_max],
                 **{f"clip_var/{label}": score for label, score in scores.items()}}
+
+    def _gathered_block_losses(self, report: dict) -> torch.Tensor:
+        """A validation report's per-block estimates over all data-parallel ranks; with padded data without the blocks
+        of padding only (decided by the dataset, the same on every rank, so the gathers match even when one rank's
+        batch holds no padding)."""
+        losses = self._gather_data_parallel(report["block_losses"])
+        if self.val_rows.pad_token_id is None:
+            return losses
+        keep = report.get("block_keep", torch.ones_like(report["block_losses"], dtype=torch.bool))
+        return losses[self._gather_data_parallel(keep.to(torch.uint8)).bool()]  # gloo gathers no bool tensors
 
     def _gather_data_parallel(self, t: torch.Tensor) -> torch.Tensor:
         if self.dp == 1:
