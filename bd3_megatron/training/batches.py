@@ -3,6 +3,10 @@
 Optimizer step s consumes global samples [s*G, (s+1)*G). Micro-batch m of data-parallel rank r holds the
 contiguous slice starting at s*G + (m*dp + r)*mb. Rows come from ``ShuffledStream`` and noise from
 ``diffusion.corrupt``, both keyed by the global sample index, so every layout sees the same data and noise.
+
+Validation row j is noised as sample j of a training-like step j // EVAL_NOISE_GROUP whose global batch is always
+EVAL_NOISE_GROUP rows, so its noise depends only on (seed, j, noise draw): not on the batch size, the data-parallel
+size or how many rows are scored.
 """
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ from bd3_megatron.diffusion import noise
 from bd3_megatron.diffusion.loss import token_nelbo
 from bd3_megatron.diffusion.schedule import ClipWindow, get_schedule
 
+EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
+EVAL_DRAW_STRIDE = 104729  # seed offset between independent validation noise draws
+EVAL_NOISE_GROUP = 512  # rows per antithetic stratification group of the validation noise (the paper's batch)
+
 
 @dataclass
 class MicroBatch:
@@ -25,6 +33,7 @@ class MicroBatch:
     weight: torch.Tensor  # [b, L] fp32 NELBO weight per token (loss_weight(t) on masked positions, else 0)
     t: torch.Tensor  # [b, num_blocks] the diffusion time of each block
     sample_index: torch.Tensor  # [b] global sample indices
+    valid: torch.Tensor | None = None  # [b] bool: False for padding rows of a short evaluation batch (weight 0)
 
 
 def sample_indices(step: int, micro: int, dp_rank: int, dp: int, micro_batch: int, global_batch: int) -> np.ndarray:
@@ -64,6 +73,26 @@ class BatchMaker:
         weight = token_nelbo(torch.ones_like(c.t_tokens), c.masked, c.t_tokens, self.schedule)
         return MicroBatch(x0=x0, xt=c.xt, masked=c.masked, weight=weight.float(), t=c.t,
                           sample_index=sample_index)
+
+    def eval_batch(self, rows, slots: np.ndarray, n_rows: int, window: ClipWindow, resample: bool = False,
+                   noise_draw: int = 0) -> MicroBatch:
+        """A fixed-noise validation micro-batch over positions ``slots`` [b] of the first ``n_rows`` rows of
+        ``rows`` (a ``rows(idx) -> [b, L]`` dataset). Slots >= n_rows are padding: they repeat the last row, get
+        weight 0 and ``valid`` False, so every rank runs the same number of equally sized micro-batches.
+        Row j's noise is that of sample j at step j // EVAL_NOISE_GROUP with global batch EVAL_NOISE_GROUP (seed
+        offset by the draw), so it depends on (seed, j, noise_draw) only."""
+        valid = torch.from_numpy(slots < n_rows)
+        x0 = torch.from_numpy(rows.rows(np.minimum(slots, n_rows - 1)))
+        index = torch.from_numpy(slots.astype(np.int64))
+        group = torch.from_numpy(slots // EVAL_NOISE_GROUP)
+        parts = [self.corrupt(x0[group == g], index[group == g], int(g), window=window, resample=resample,
+                              global_batch=EVAL_NOISE_GROUP,
+                              seed_offset=EVAL_SEED_OFFSET + EVAL_DRAW_STRIDE * noise_draw)
+                 for g in torch.unique(group)]  # one part unless the batch straddles a group boundary
+        batch = MicroBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                             ("x0", "xt", "masked", "weight", "t", "sample_index")), valid=valid.to(self.device))
+        batch.weight[~batch.valid] = 0.0
+        return batch
 
     def _next_token_batch(self, x0: torch.Tensor, sample_index: torch.Tensor) -> MicroBatch:
         """The AR baseline: predict every token but the first from its prefix. The weight L/(L-1) makes the mean over
