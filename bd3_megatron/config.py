@@ -61,7 +61,7 @@ class DiffusionConfig:
     clip_search: bool = False
     clip_search_widths: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     clip_search_delta: float = 0.05
-    clip_search_batches: int = 0  # validation micro-batches scored per window (0 = the evaluation's batches)
+    clip_search_rows: int = 0  # validation rows scored per window, the first N of the evaluation's (0 = all of them)
     clip_search_interval: int = 0  # steps between searches, at evaluations (0 = every evaluation after step 0)
     fix_clipping: bool = False  # search and log, but keep training with [eps_min, eps_max]
 
@@ -83,7 +83,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 8
     eval_interval: int = 100  # optimizer steps between validations (0 = only at the end)
-    eval_batches: int = 8  # evaluate the first eval_batches x micro_batch_size validation rows (0 = all)
+    # validation rows scored at each evaluation, the first N of the split (0 = all); every row is scored (a short
+    # last batch is padded with weight-0 rows), so the figure does not depend on micro-batch size or layout
+    eval_rows: int = 64
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated before stopping
 
@@ -118,10 +120,13 @@ class CheckpointConfig:
     # Resuming from a checkpoint of another TP/PP/DP layout: load the weights and EMA resharded to this layout and
     # start a fresh optimizer state (Adam moments are not resharded). Off: a layout mismatch is an error.
     reshard: bool = False
-    # Start from another run's weights (and EMA), e.g. the block-size-1024 pretrain before fine-tuning at L'=4:
-    # any TP/PP layout and block size, step 0, fresh optimizer. Ignored once checkpoint.dir holds a checkpoint of
-    # this run, so a requeued job resumes normally.
+    # Start from another run's weights, e.g. the block-size-1024 pretrain before fine-tuning at L'=4: any TP/PP
+    # layout and block size, step 0, fresh optimizer. Ignored once checkpoint.dir holds a checkpoint of this run, so a
+    # requeued job resumes normally.
     init_from: str | None = None
+    # which of init_from's weights the new run starts from (its weights and its EMA both start there): ema (the
+    # pretrain's EMA, as the reference fine-tunes from the released EMA weights) | raw (its training weights)
+    init_from_weights: str = "ema"
 
 
 @dataclass
@@ -132,9 +137,10 @@ class LogConfig:
     wandb_project: str = "bd3-megatron"
     wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online
     progress: bool = True  # one-line progress bar on a terminal
-    # warn when the per-block NELBO variance exceeds this x its running mean (0: off); the 1/t weight makes single
-    # steps heavy-tailed, so only large jumps are worth a line
-    variance_warn_factor: float = 50.0
+    # warn when the median per-block NELBO variance of the last 5 steps exceeds this x its median over the 100 steps
+    # before them (0: off). Medians, because the 1/t weight makes single steps heavy-tailed (one block drawn near
+    # t = 1e-3 lifts a step's variance 100x on a healthy run): only a sustained rise is worth a line
+    variance_warn_factor: float = 10.0
 
 
 @dataclass
@@ -211,11 +217,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# keys that changed meaning, not only name: the old value cannot be carried over silently
+RENAMED = {"train.eval_batches": "train.eval_rows (validation rows, not micro-batches: eval_batches x micro_batch)",
+           "diffusion.clip_search_batches": "diffusion.clip_search_rows (validation rows, not micro-batches)"}
+
+
 def _build_section(cls, values: dict[str, Any], prefix: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if f"{prefix}.{key}" in RENAMED:
+            raise ConfigError(f"config key '{prefix}.{key}' was replaced by {RENAMED[f'{prefix}.{key}']}")
         if key not in hints:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
@@ -315,8 +328,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 < d.eps_min <= d.eps_max <= 1.0,
              f"diffusion window needs 0 < eps_min <= eps_max <= 1, got [{d.eps_min}, {d.eps_max}]")
     _require(d.resample_tries >= 1, "diffusion.resample_tries must be >= 1")
-    _require(d.clip_search_delta > 0 and d.clip_search_batches >= 0,
-             "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_batches >= 0")
+    _require(d.clip_search_delta > 0 and d.clip_search_rows >= 0,
+             "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_rows >= 0")
     _require(all(0 < w <= 1 for w in d.clip_search_widths), "diffusion.clip_search_widths must lie in (0, 1]")
     _require(d.clip_search_interval >= 0, "diffusion.clip_search_interval must be >= 0")
     _require(not (d.clip_search and d.clip_search_interval and t.eval_interval
@@ -336,7 +349,7 @@ def validate(cfg: Config) -> None:
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
              f"({t.micro_batch_size})")
     _require(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
-    _require(t.eval_interval >= 0 and t.eval_batches >= 0, "train.eval_interval and train.eval_batches must be >= 0")
+    _require(t.eval_interval >= 0 and t.eval_rows >= 0, "train.eval_interval and train.eval_rows must be >= 0")
     _require(o.lr > 0, "optim.lr must be > 0")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
     _require(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant|cosine, got {o.schedule!r}")
@@ -353,6 +366,10 @@ def validate(cfg: Config) -> None:
     _require(not (p.pp > 1 and p.zero_stage > 1),
              f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); use 0 or 1")
     _require(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep >= 0, "checkpoint.interval/keep must be >= 0")
+    _require(cfg.checkpoint.init_from_weights in ("ema", "raw"),
+             f"checkpoint.init_from_weights must be ema|raw, got {cfg.checkpoint.init_from_weights!r}")
+    _require(cfg.log.variance_warn_factor >= 0, f"log.variance_warn_factor must be >= 0 (0: off), got "
+                                                f"{cfg.log.variance_warn_factor}")
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
     _require(cfg.log.wandb_mode in ("offline", "online"), f"log.wandb_mode must be offline|online, got {cfg.log.wandb_mode!r}")
     s = cfg.sample

@@ -76,7 +76,7 @@ import sys, yaml
 out, steps, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = yaml.safe_load(open("configs/tiny_cpu.yaml"))
 cfg["model"].update(num_layers=2, hidden_size=64, num_heads=4, seq_len=32)
-cfg["train"].update(micro_batch_size=4, global_batch_size=8, max_steps=steps, eval_interval=10, eval_batches=2)
+cfg["train"].update(micro_batch_size=4, global_batch_size=8, max_steps=steps, eval_interval=10, eval_rows=8)
 cfg["optim"].update(warmup_steps=5, schedule="constant")
 cfg["data"]["cache_dir"] = cache
 cfg["checkpoint"].update(interval=5, keep=0)

@@ -9,7 +9,7 @@ BASE = {
     "model": {"num_layers": 4, "hidden_size": 32, "num_heads": 4, "seq_len": 16, "block_size": 4, "dropout": 0.0},
     "data": {"path": "embedded:sotu", "tokenizer": "bert-base-uncased", "val_docs": 4},
     "train": {"max_steps": 3, "seed": 3, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 0,
-              "eval_batches": 2},
+              "eval_rows": 5},
     "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "ema": 0.0},
     "checkpoint": {"dir": None},
     "sample": {"after_train": False},
@@ -151,7 +151,7 @@ def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> di
 def clip_search_once(rank: int, world: int, layout, cache_dir: str, log_dir: str) -> dict:
     """One training step, then the clip-window search; returns the chosen window and the scores."""
     extra = ["diffusion.clip_search=true", "diffusion.clip_search_widths=[0.5,0.8]", "diffusion.clip_search_delta=0.25",
-             "train.eval_batches=4"]
+             "train.eval_rows=16"]
     with trainer_for(layout, cache_dir, log_dir, extra) as trainer:
         trainer.train_step()
         result = trainer.evaluate()

@@ -54,6 +54,10 @@ def test_presets_fill_sizes_but_explicit_keys_win():
           "diffusion.eps_max=0.8"], "admits no masked-token count"),
     ({}, ["diffusion.clip_search=true", "train.eval_interval=100", "diffusion.clip_search_interval=250"],
      "must be a multiple of train.eval_interval"),
+    ({}, ["checkpoint.init_from_weights=last"], "checkpoint.init_from_weights must be ema|raw"),
+    ({}, ["log.variance_warn_factor=-1"], "log.variance_warn_factor must be >= 0"),
+    ({"train": {"eval_batches": 4}}, [], "'train.eval_batches' was replaced by train.eval_rows"),
+    ({}, ["diffusion.clip_search_batches=4"], "replaced by diffusion.clip_search_rows"),
     ({}, ["nodot=3"], "must be section.key"),
     ({}, ["model.block_size"], "not of the form"),
 ])

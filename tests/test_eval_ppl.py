@@ -35,13 +35,23 @@ def test_eval_ppl_on_a_training_checkpoint(tmp_path, data_cache):
     proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=4", "train.eval_interval=4", "sample.after_train=false"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     want = metrics(tmp_path / "log")[4]["val_nelbo"]
-    res = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "16", "--batch-size", "4",
-                   "--samples-per-seq", "3")
+    res = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "16", "--batch-size", "3",
+                   "--samples-per-seq", "3")  # the run scored the same 16 rows in batches of 4
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["nelbo_draws"][0] == pytest.approx(want, rel=1e-5)  # draw 0 = the run's own evaluation
     assert len(set(out["nelbo_draws"])) == 3 and out["nelbo"] == pytest.approx(sum(out["nelbo_draws"]) / 3)
     assert out["step"] == 4 and out["val_rows"] == 16
+
+    # issue 12 item 2: every row of the split is scored, with noise keyed by the row, whatever the batch size
+    full = [json.loads(eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--batch-size", b).stdout.splitlines()[-1])
+            for b in ("8", "37")]
+    assert full[0]["val_rows"] == full[1]["val_rows"] == 2401  # the split's rows; a multiple of neither 8 nor 37
+    assert full[0]["nelbo"] == pytest.approx(full[1]["nelbo"], rel=1e-6)
+    ten = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "10")
+    assert json.loads(ten.stdout.splitlines()[-1])["val_rows"] == 10 and "rows 10 " in ten.stdout
+    assert eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "-1").stderr.strip() == \
+        "error: --max-rows must be >= 0, got -1"
 
     other = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "16", "--batch-size", "4",
                      "--block-size", "8")

@@ -212,3 +212,57 @@ def test_cuda_noise_is_bit_identical_to_cpu():
     cpu, gpu = corrupt(x0, torch.arange(16), 4, **kw), corrupt(x0.cuda(), torch.arange(16).cuda(), 4, **kw)
     for name in ("xt", "masked", "t", "t_tokens"):
         assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+# ---- validation batches ----
+
+class _Rows:
+    """A validation split: ``rows(idx) -> [b, L]`` like the data pipeline's readers."""
+
+    def __init__(self, n: int, seq: int):
+        self.data = torch.randint(0, MASK, (n, seq), generator=torch.Generator().manual_seed(5)).numpy()
+
+    def __len__(self):
+        return len(self.data)
+
+    def rows(self, idx):
+        return self.data[idx]
+
+
+def _eval_rows(maker, rows, n_rows: int, batch: int, draw: int = 0) -> tuple[dict, list]:
+    """Every micro-batch of ``batch`` slots over the first n_rows rows, and the concatenation of their real rows."""
+    import numpy as np
+
+    out = [maker.eval_batch(rows, np.arange(s, s + batch), n_rows, ClipWindow(), noise_draw=draw)
+           for s in range(0, n_rows, batch)]
+    fields = ("x0", "xt", "masked", "weight", "t", "sample_index")
+    return {f: torch.cat([getattr(b, f)[b.valid] for b in out]) for f in fields}, out
+
+
+def test_validation_noise_depends_on_the_row_and_draw_only():
+    """Item 2 of issue 12: batch 8 or 37, a short last batch, --max-rows 10: every row scored, with the same noise;
+    a batch straddling the end of a noise group (EVAL_NOISE_GROUP rows) too."""
+    from bd3_megatron.config import config_from_dict
+    from bd3_megatron.training.batches import EVAL_NOISE_GROUP, BatchMaker
+
+    maker = BatchMaker(config_from_dict({}, ["model.seq_len=16", "model.block_size=4"]), MASK, torch.device("cpu"))
+    n = EVAL_NOISE_GROUP + 111
+    rows = _Rows(n, 16)
+    by8, batches8 = _eval_rows(maker, rows, n, 8)
+    by37, batches37 = _eval_rows(maker, rows, n, 37)
+    assert torch.equal(by8["sample_index"], torch.arange(n)) and torch.equal(by8["x0"], torch.from_numpy(rows.data))
+    for f in by8:
+        assert torch.equal(by8[f], by37[f]), f
+    last = batches37[-1]  # 623 = 16 x 37 + 31: six padding slots, weight 0, not valid
+    assert int(last.valid.sum()) == n % 37 and float(last.weight[~last.valid].abs().sum()) == 0.0
+    assert float(by8["weight"].sum()) > 0 and len(batches8) == math.ceil(n / 8)
+    first10, _ = _eval_rows(maker, rows, 10, 4)
+    for f in first10:
+        assert torch.equal(first10[f], by8[f][:10]), f  # the first rows' noise does not depend on how many are scored
+    other, _ = _eval_rows(maker, rows, n, 8, draw=1)
+    assert not torch.equal(other["t"], by8["t"]) and torch.equal(other["x0"], by8["x0"])
+    # within a noise group the antithetic strata are used once each: t is spread like a stratified sample
+    g0 = by8["t"][:EVAL_NOISE_GROUP].flatten().double()
+    cells = g0.numel()
+    strata = torch.floor((g0 - 1e-3) / (1 - 1e-3) * cells).clamp(0, cells - 1).long()
+    assert len(torch.unique(strata)) >= cells - 4  # float32 rounding may shift a few at stratum edges

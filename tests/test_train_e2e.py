@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def tiny_args(tmp: Path, cache: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
             "model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.seq_len=32",
-            "model.block_size=4", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_batches=4",
+            "model.block_size=4", "train.micro_batch_size=4", "train.global_batch_size=8", "train.eval_rows=16",
             "optim.lr=3e-3", "optim.warmup_steps=5", "optim.ema=0", f"data.cache_dir={cache}",
             f"checkpoint.dir={tmp / 'ckpt'}", f"log.dir={tmp / 'log'}", "log.interval=1", "sample.num_samples=1",
             "sample.length=16", "sample.steps=2", *extra]
@@ -160,20 +160,34 @@ def test_sigusr1_saves_and_exits_for_requeue(tmp_path, data_cache):
 
 
 def test_init_from_another_block_size_starts_a_fresh_run(tmp_path, data_cache):
+    from tests.test_eval_ppl import eval_ppl
+
     pre = tiny_args(tmp_path / "pre", data_cache, "model.block_size=32", "sample.length=32", "train.max_steps=3",
-                    "train.eval_interval=0",
-                    "sample.after_train=false")
+                    "train.eval_interval=0", "sample.after_train=false", "optim.ema=0.9")
     assert run(pre).returncode == 0
+    init = f"checkpoint.init_from={tmp_path / 'pre/ckpt'}"
     fine = tiny_args(tmp_path / "fine", data_cache, "model.block_size=4", "train.max_steps=2",
-                     "train.eval_interval=0", "sample.after_train=false", f"checkpoint.init_from={tmp_path / 'pre/ckpt'}")
+                     "train.eval_interval=0", "sample.after_train=false", "optim.ema=0.9", init)
     proc = run(fine)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "initialised weights from" in proc.stdout and "block size 32 -> 4" in proc.stdout
+    assert "initialised weights from the EMA weights of" in proc.stdout and "block size 32 -> 4" in proc.stdout
     assert (tmp_path / "fine/ckpt/latest").read_text().strip() == "step_00000002"
-    again = run(fine[:-1] + ["train.max_steps=3", f"checkpoint.init_from={tmp_path / 'pre/ckpt'}"])
+    again = run(fine[:-1] + ["train.max_steps=3", init])
     assert "resumed from" in again.stdout and "initialised weights" not in again.stdout  # requeue resumes its own run
-    bad = run(tiny_args(tmp_path / "bad", data_cache, "model.hidden_size=32", "train.max_steps=1",
-                        f"checkpoint.init_from={tmp_path / 'pre/ckpt'}"))
+    # issue 12 item 1: step 0 scores the pretrain's EMA weights (default) or its raw weights, as eval_ppl does at L'=4
+    raw = run(tiny_args(tmp_path / "raw", data_cache, "train.max_steps=1", "sample.after_train=false", init,
+                        "checkpoint.init_from_weights=raw"))
+    assert raw.returncode == 0 and "from the raw weights of" in raw.stdout, raw.stderr[-2000:]
+    want = {w: json.loads(eval_ppl("--checkpoint", str(tmp_path / "pre/ckpt"), "--block-size", "4", "--max-rows",
+                                   "16", "--batch-size", "5", *flag).stdout.splitlines()[-1])["nelbo"]
+            for w, flag in (("ema", ()), ("raw", ("--raw",)))}
+    assert abs(want["ema"] - want["raw"]) > 1e-3  # the two starts differ, so the test tells them apart
+    assert metrics(tmp_path / "fine/log")[0]["val_nelbo"] == pytest.approx(want["ema"], rel=1e-5)
+    assert metrics(tmp_path / "raw/log")[0]["val_nelbo"] == pytest.approx(want["raw"], rel=1e-5)
+    no_ema = run(tiny_args(tmp_path / "no_ema", data_cache, "train.max_steps=1",
+                           f"checkpoint.init_from={tmp_path / 'raw/ckpt'}"))  # that run kept no EMA (optim.ema=0)
+    assert no_ema.returncode == 2 and "set checkpoint.init_from_weights=raw" in no_ema.stderr.strip().splitlines()[-1]
+    bad = run(tiny_args(tmp_path / "bad", data_cache, "model.hidden_size=32", "train.max_steps=1", init))
     assert bad.returncode == 2 and "architectures must match" in bad.stderr
 
 

@@ -115,3 +115,46 @@ def test_variance_report_renders_a_real_run(tmp_path, data_cache):
     bad = subprocess.run([sys.executable, "tools/variance_report.py", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- the variance warning
+def simulated_block_variances(steps: int, seed: int, rows: int = 8, blocks: int = 32, block_size: int = 4,
+                              blow_up=(), factor: float = 1.0) -> list[float]:
+    """Per-step variance of per-block NELBO estimates as a healthy tiny-config run (8 rows x 32 blocks of L'=4)
+    produces them: antithetic t over [1e-3, 1], tokens masked with probability t, exponential token CE slowly
+    falling, estimate = Σ masked CE / (t L'). Steps in ``blow_up`` have their estimates scaled by sqrt(factor)."""
+    g = torch.Generator().manual_seed(seed)
+    n, out = rows * blocks, []
+    for s in range(steps):
+        t = 1e-3 + (1 - 1e-3) * (torch.randperm(n, generator=g) + torch.rand(n, generator=g)) / n
+        masked = torch.rand(n, block_size, generator=g) < t[:, None]
+        ce = 6.0 * (1 - s / (2 * steps)) * -torch.log(torch.rand(n, block_size, generator=g))
+        est = (masked * ce).sum(-1) / (t * block_size) * (factor ** 0.5 if s in blow_up else 1.0)
+        out.append(float(est.var()))
+    return out
+
+
+def warnings_of(values: list[float], factor: float = 10.0) -> list[int]:
+    from bd3_megatron.training.metrics import VarianceWatch
+
+    watch = VarianceWatch(factor)
+    return [i for i, v in enumerate(values) if watch.update(v)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_variance_watch_is_quiet_on_a_healthy_heavy_tailed_run(seed):
+    values = simulated_block_variances(600, seed)
+    median = sorted(values)[300]
+    assert max(values) > 50 * median  # single steps are heavy-tailed, as in the field report (3.7e4 vs ~50)
+    assert warnings_of(values) == []
+    assert warnings_of([float("nan")] * 3 + values) == []  # skipped (non-finite) steps are ignored
+
+
+def test_variance_watch_warns_once_on_a_sustained_rise_and_rearms():
+    values = simulated_block_variances(600, 0, blow_up=range(300, 330), factor=100.0)
+    assert warnings_of(values) in ([302], [303], [304])  # within 3 steps of the rise, once while it lasts
+    twice = simulated_block_variances(600, 0, blow_up=set(range(200, 230)) | set(range(450, 480)), factor=100.0)
+    assert len(warnings_of(twice)) == 2  # it re-arms once the variance is back to normal
+    assert warnings_of(values, factor=0.0) == []  # log.variance_warn_factor=0 turns it off
+    one_spike = simulated_block_variances(600, 0, blow_up=range(300, 301), factor=1e4)
+    assert warnings_of(one_spike) == []  # a single 10^4 x step is the heavy tail, not a blow-up

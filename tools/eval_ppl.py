@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None, help="block size L' to evaluate with (default: training)")
     p.add_argument("--samples-per-seq", type=int, default=1, help="noise draws averaged per sequence (K)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: training micro batch)")
-    p.add_argument("--max-rows", type=int, default=0, help="evaluate only the first N validation rows (0 = all)")
+    p.add_argument("--max-rows", type=int, default=0,
+                   help="evaluate exactly the first N validation rows (0 = all; fewer if the split is shorter)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--window", type=float, nargs=2, metavar=("BETA", "OMEGA"), default=None,
                    help="clip window for the NELBO (default: unclipped, 1e-3 1)")
@@ -64,8 +65,10 @@ def build_evaluator(args):
     raw["optim"] = dict(raw["optim"], ema=0.0)
     raw["diffusion"] = dict(raw["diffusion"], clip_search=False)
     batch = args.batch_size or raw["train"]["micro_batch_size"]
-    raw["train"] = dict(raw["train"], micro_batch_size=batch, global_batch_size=batch,
-                        eval_batches=math.ceil(args.max_rows / batch) if args.max_rows else 0)
+    # every row is scored with noise keyed by the row, so the figure does not depend on the batch size
+    raw["train"] = dict(raw["train"], micro_batch_size=batch, global_batch_size=batch, eval_rows=args.max_rows)
+    for section, key in (("train", "eval_batches"), ("diffusion", "clip_search_batches")):
+        raw[section].pop(key, None)  # written by checkpoints saved before eval_rows / clip_search_rows
     if args.data:
         raw["data"] = dict(raw["data"], path=args.data)
     if args.block_size:
@@ -137,9 +140,11 @@ def main(argv=None) -> int:
     from bd3_megatron.parallel import state
     from bd3_megatron.training.checkpoint import CheckpointError
 
-    if args.samples_per_seq < 1:
-        print("error: --samples-per-seq must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value, least in (("--samples-per-seq", args.samples_per_seq, 1), ("--max-rows", args.max_rows, 0),
+                               ("--batch-size", args.batch_size or 1, 1)):
+        if value < least:
+            print(f"error: {flag} must be >= {least}, got {value}", file=sys.stderr)
+            return 2
     try:
         window = None
         if args.window:
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
             draws = nelbo_k_samples(trainer, args.samples_per_seq, window)
             nelbo = sum(draws) / len(draws)
             result = {"checkpoint": str(path), "step": meta["step"], "block_size": trainer.cfg.model.block_size,
-                      "val_rows": trainer._val_batch_count() * trainer.cfg.train.micro_batch_size,
+                      "val_rows": trainer._val_rows_scored(),
                       "nelbo": nelbo, "ppl": math.exp(min(nelbo, 50.0)), "bpd": nelbo / math.log(2),
                       "samples_per_seq": args.samples_per_seq, "nelbo_draws": draws,
                       "weights": "raw" if args.raw else "ema",

@@ -3,6 +3,10 @@
 Optimizer step s consumes global samples [s*G, (s+1)*G). Micro-batch m of data-parallel rank r holds the
 contiguous slice starting at s*G + (m*dp + r)*mb. Rows come from ``ShuffledStream`` and noise from
 ``diffusion.corrupt``, both keyed by the global sample index, so every layout sees the same data and noise.
+
+Validation row j is noised as sample j of a training-like step j // EVAL_NOISE_GROUP whose global batch is always
+EVAL_NOISE_GROUP rows, so its noise depends only on (seed, j, noise draw): not on the batch size, the data-parallel
+size or how many rows are scored.
 """
 from __future__ import annotations
 
@@ -15,6 +19,11 @@ from bd3_megatron.config import Config
 from bd3_megatron.diffusion import noise
 from bd3_megatron.diffusion.loss import token_nelbo
 from bd3_megatron.diffusion.schedule import ClipWindow, get_schedule
+from data_pipeline.dataset import padding_mask
+
+EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
+EVAL_DRAW_STRIDE = 104729  # seed offset between independent validation noise draws
+EVAL_NOISE_GROUP = 512  # rows per antithetic stratification group of the validation noise (the paper's batch)
 
 
 @dataclass
@@ -29,11 +38,16 @@ class MicroBatch:
     # Padding is never masked or scored (weight 0), is left out of the token average, and the model hides it from
     # every real token's attention, as the reference does with LM1B's attention_mask.
     padding: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [b] bool: False for padding rows of a short evaluation batch (weight 0)
 
     @property
     def num_tokens(self) -> int | torch.Tensor:
-        """Tokens the NELBO averages over: all b*L, or the real (non-padding) ones (reference: Σ loss·mask / Σ mask)."""
-        return self.x0.numel() if self.padding is None else (~self.padding).sum()
+        """Tokens the NELBO averages over: all b*L, or the real ones (not padding, not in a padding row of a short
+        evaluation batch; reference: Σ loss·mask / Σ mask)."""
+        if self.padding is None and self.valid is None:
+            return self.x0.numel()
+        real = torch.ones_like(self.x0, dtype=torch.bool) if self.padding is None else ~self.padding
+        return (real if self.valid is None else real & self.valid[:, None]).sum()
 
 
 def sample_indices(step: int, micro: int, dp_rank: int, dp: int, micro_batch: int, global_batch: int) -> np.ndarray:
@@ -82,6 +96,30 @@ class BatchMaker:
         weight = token_nelbo(torch.ones_like(c.t_tokens), masked, c.t_tokens, self.schedule)
         return MicroBatch(x0=x0, xt=xt, masked=masked, weight=weight.float(), t=c.t,
                           sample_index=sample_index, padding=padding)
+
+    def eval_batch(self, rows, slots: np.ndarray, n_rows: int, window: ClipWindow, resample: bool = False,
+                   noise_draw: int = 0) -> MicroBatch:
+        """A fixed-noise validation micro-batch over positions ``slots`` [b] of the first ``n_rows`` rows of
+        ``rows`` (a ``rows(idx) -> [b, L]`` dataset). Slots >= n_rows are padding: they repeat the last row, get
+        weight 0 and ``valid`` False, so every rank runs the same number of equally sized micro-batches.
+        Row j's noise is that of sample j at step j // EVAL_NOISE_GROUP with global batch EVAL_NOISE_GROUP (seed
+        offset by the draw), so it depends on (seed, j, noise_draw) only."""
+        valid = torch.from_numpy(slots < n_rows)
+        x0 = torch.from_numpy(rows.rows(np.minimum(slots, n_rows - 1)))
+        padding = padding_mask(x0, rows.pad_token_id)
+        index = torch.from_numpy(slots.astype(np.int64))
+        group = torch.from_numpy(slots // EVAL_NOISE_GROUP)
+        parts = [self.corrupt(x0[group == g], index[group == g], int(g), window=window, resample=resample,
+                              global_batch=EVAL_NOISE_GROUP,
+                              seed_offset=EVAL_SEED_OFFSET + EVAL_DRAW_STRIDE * noise_draw,
+                              padding=None if padding is None else padding[group == g])
+                 for g in torch.unique(group)]  # one part unless the batch straddles a group boundary
+        batch = MicroBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                             ("x0", "xt", "masked", "weight", "t", "sample_index")),
+                           padding=None if padding is None else torch.cat([p.padding for p in parts]),
+                           valid=valid.to(self.device))
+        batch.weight[~batch.valid] = 0.0
+        return batch
 
     def _next_token_batch(self, x0: torch.Tensor, sample_index: torch.Tensor,
                           padding: torch.Tensor | None = None) -> MicroBatch:

@@ -21,11 +21,8 @@ from bd3_megatron.parallel.ds_engine import DeepSpeedEngine, optimizer_state_cla
 from bd3_megatron.parallel.state import ParallelContext
 from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
-from bd3_megatron.training.metrics import MetricsLogger
+from bd3_megatron.training.metrics import MetricsLogger, VarianceWatch
 from bd3_megatron.training.optim import EMA, lr_at
-from data_pipeline.dataset import padding_mask
-
-EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
 
 
 class PreemptionRequested(Exception):
@@ -220,30 +217,24 @@ class Trainer:
         return float(local)
 
     # ------------------------------------------------------------------ evaluation
-    def _val_batch_count(self) -> int:
-        """Validation micro-batches per rank. The evaluated rows are the first R of the split, R independent of the
-        layout (up to rounding to whole passes), so every TP/PP/DP layout reports the same number."""
-        t = self.cfg.train
-        mb, n_rows = t.micro_batch_size, len(self.val_rows)
-        per_pass = mb * self.dp
-        rows = min(n_rows, t.eval_batches * mb) if t.eval_batches else n_rows
-        if rows // per_pass == 0:
-            raise ValueError(f"validation split has {n_rows} rows, fewer than one batch of {per_pass}; raise "
-                             f"data.val_docs or lower train.micro_batch_size")
-        return rows // per_pass
+    def _val_rows_scored(self) -> int:
+        """Validation rows every evaluation scores: the first ``train.eval_rows`` of the split (0 = all of it),
+        whatever the micro-batch size and the TP/PP/DP layout."""
+        n_rows, want = len(self.val_rows), self.cfg.train.eval_rows
+        if n_rows == 0:
+            raise ValueError("the validation split is empty; raise data.val_docs")
+        return min(n_rows, want) if want else n_rows
 
-    def _val_micro_batches(self, n_batches: int, window: ClipWindow, resample: bool = False,
+    def _val_micro_batches(self, n_rows: int, window: ClipWindow, resample: bool = False,
                            noise_draw: int = 0) -> list[MicroBatch]:
-        mb, per_pass = self.cfg.train.micro_batch_size, self.cfg.train.micro_batch_size * self.dp
-        out = []
-        for i in range(n_batches):
-            idx = np.arange(i * per_pass + self.ctx.dp_rank * mb, i * per_pass + (self.ctx.dp_rank + 1) * mb)
-            x0 = torch.from_numpy(self.val_rows.rows(idx))
-            out.append(self.batches.corrupt(x0, torch.from_numpy(idx), 0, window=window, resample=resample,
-                                            global_batch=n_batches * per_pass,
-                                            seed_offset=EVAL_SEED_OFFSET + 104729 * noise_draw,
-                                            padding=padding_mask(x0, self.val_rows.pad_token_id)))
-        return out
+        """This rank's fixed-noise micro-batches over validation rows [0, n_rows): pass i covers rows
+        [i*mb*dp, (i+1)*mb*dp), rank r its r-th slice of mb rows. The last pass is padded with weight-0 rows, so every
+        rank runs ceil(n_rows / (mb*dp)) equal micro-batches (no collective waits on a rank with fewer)."""
+        mb = self.cfg.train.micro_batch_size
+        per_pass = mb * self.dp
+        starts = range(self.ctx.dp_rank * mb, math.ceil(n_rows / per_pass) * per_pass, per_pass)
+        return [self.batches.eval_batch(self.val_rows, np.arange(s, s + mb), n_rows, window, resample=resample,
+                                        noise_draw=noise_draw) for s in starts]
 
     @contextlib.contextmanager
     def _eval_weights(self):
@@ -260,14 +251,15 @@ class Trainer:
 
     def evaluate(self, noise_draw: int = 0, window: ClipWindow | None = None) -> dict:
         """Validation NELBO (window [1e-3, 1] unless ``window``, fixed noise) with EMA weights, token-weighted over
-        the batches; with ``diffusion.clip_search`` also the clip-window search. ``noise_draw`` selects another fixed
-        noise stream."""
+        the first ``train.eval_rows`` rows (every one of them, identical under any batch size and layout); with
+        ``diffusion.clip_search`` also the clip-window search. ``noise_draw`` selects another fixed noise stream."""
         with self._eval_weights():
-            reports = self._run_schedule(self._val_micro_batches(self._val_batch_count(), window or ClipWindow(),
-                                                                 noise_draw=noise_draw), forward_only=True)
+            micro = self._val_micro_batches(self._val_rows_scored(), window or ClipWindow(), noise_draw=noise_draw)
+            reports = self._run_schedule(micro, forward_only=True)
             search = self.clip_search() if self._clip_search_due() else {}
-        sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports),
-                             sum(float(r["tokens"]) for r in reports)], dtype=torch.float64, device=self.device)
+        # "tokens" counts real tokens of real rows only (MicroBatch.num_tokens): padding rows and --pad padding weigh 0
+        sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports), sum(float(r["tokens"]) for r in reports)],
+                            dtype=torch.float64, device=self.device)
         if self.dp > 1:
             torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         if not self.ctx.is_last_stage:
@@ -288,12 +280,12 @@ class Trainer:
         ``fix_clipping``, train with it from now on. Call inside ``_eval_weights``."""
         d = self.cfg.diffusion
         windows = clip_window_grid(d.clip_search_widths, d.clip_search_delta, self.cfg.model.block_size)
-        n_batches = min(d.clip_search_batches or self._val_batch_count(), self._val_batch_count())
+        n_rows = min(d.clip_search_rows or self._val_rows_scored(), self._val_rows_scored())
 
         def estimates(window: ClipWindow) -> list[torch.Tensor]:
-            reports = self._run_schedule(self._val_micro_batches(n_batches, window, resample=d.resample),
-                                         forward_only=True)
-            return [self._gathered_block_losses(r) for r in reports]
+            micro = self._val_micro_batches(n_rows, window, resample=d.resample)
+            reports = self._run_schedule(micro, forward_only=True)
+            return [self._gathered_block_losses(r, b) for r, b in zip(reports, micro)]
 
         if self.ctx.is_last_stage:
             best, scores = search_clip_window(windows, estimates)
@@ -311,14 +303,14 @@ class Trainer:
         return {"clip_window": [best.eps_min, best.eps_max],
                 **{f"clip_var/{label}": score for label, score in scores.items()}}
 
-    def _gathered_block_losses(self, report: dict) -> torch.Tensor:
-        """A validation report's per-block estimates over all data-parallel ranks; with padded data without the blocks
-        of padding only (decided by the dataset, the same on every rank, so the gathers match even when one rank's
-        batch holds no padding)."""
-        losses = self._gather_data_parallel(report["block_losses"])
-        if self.val_rows.pad_token_id is None:
-            return losses
+    def _gathered_block_losses(self, report: dict, batch: MicroBatch) -> torch.Tensor:
+        """A validation report's per-block estimates over all data-parallel ranks, without the blocks that hold no
+        real token: those of padding rows of a short last batch, and with padded data those of padding only (the
+        keep mask is gathered like the estimates, so the gathers match on every rank)."""
         keep = report.get("block_keep", torch.ones_like(report["block_losses"], dtype=torch.bool))
+        if batch.valid is not None:
+            keep = keep & batch.valid[:, None]
+        losses = self._gather_data_parallel(report["block_losses"])
         return losses[self._gather_data_parallel(keep.to(torch.uint8)).bool()]  # gloo gathers no bool tensors
 
     def _gather_data_parallel(self, t: torch.Tensor) -> torch.Tensor:
@@ -406,7 +398,12 @@ class Trainer:
             self.named[by_canonical[cname]].copy_(tensor)
 
     def init_from(self, spec: str) -> None:
-        """Load weights (and EMA) of another run, resharded to this layout; the step and optimizer start fresh."""
+        """Start from another run's weights, resharded to this layout; the step and optimizer start fresh.
+
+        ``checkpoint.init_from_weights`` picks the pretrain's EMA (default; the reference fine-tunes from the released
+        EMA weights) or its raw weights. Both the model and this run's EMA start from them, so the step-0 evaluation
+        scores exactly those weights. Raises CheckpointError for another architecture or tokenizer, or when ema is
+        asked of a run that kept no EMA."""
         path = ckpt.resolve_checkpoint(spec, None)
         if path is None:
             raise ckpt.CheckpointError(f"checkpoint.init_from={spec!r} names no checkpoint")
@@ -419,12 +416,19 @@ class Trainer:
         if meta.get("tokenizer") != self.tokenizer.name:
             raise ckpt.CheckpointError(f"checkpoint.init_from {path} uses tokenizer {meta.get('tokenizer')!r}, this "
                                        f"run {self.tokenizer.name!r}")
-        weights, _ = ckpt.load_resharded(path, meta, self.named, self.canonical)
+        which = self.cfg.checkpoint.init_from_weights
+        weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
+        if which == "ema":
+            if ema is None:
+                raise ckpt.CheckpointError(f"checkpoint.init_from {path} holds no EMA (its run had optim.ema=0); set "
+                                           f"checkpoint.init_from_weights=raw")
+            weights = ema["shadow"]
         self.load_weights(weights, source=path)
-        if self.ema is not None:  # the EMA restarts from the loaded weights (its warm-up hides the jump)
+        if self.ema is not None:  # this run's EMA restarts from the loaded weights (its warm-up hides the jump)
             self.ema = EMA(self.named, self.cfg.optim.ema)
-        self.logger.info(f"initialised weights from {path} (step {meta['step']}, block size "
-                         f"{saved['block_size']} -> {self.cfg.model.block_size}); training starts at step 0")
+        self.logger.info(f"initialised weights from the {'EMA' if which == 'ema' else 'raw'} weights of {path} "
+                         f"(step {meta['step']}, block size {saved['block_size']} -> {self.cfg.model.block_size}); "
+                         f"training starts at step 0")
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -433,17 +437,16 @@ class Trainer:
         last_eval: dict = {}
         stop = _StopSignal()
         window_start, window_steps = time.time(), 0
-        variance_avg = None
+        watch = VarianceWatch(cfg.log.variance_warn_factor)
         while self.step < t.max_steps:
             record = self.train_step()
             window_steps += 1
             if "nelbo_block_var" in record:
-                v, factor = record["nelbo_block_var"], cfg.log.variance_warn_factor
-                if variance_avg is not None and factor and v > factor * variance_avg:
+                warning = watch.update(record["nelbo_block_var"])
+                if warning:
+                    self.logger.info(f"warning: {warning} (step {self.step})")
+                if watch.high:
                     record["variance_warning"] = True
-                    self.logger.info(f"warning: per-block NELBO variance {v:.4g} at step {self.step} is above "
-                                     f"{factor:g}x its running mean {variance_avg:.4g}")
-                variance_avg = v if variance_avg is None else 0.9 * variance_avg + 0.1 * v
             if self.bad_steps >= t.max_bad_steps:
                 raise TrainingStopped(f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
                                       f"The last checkpoint is intact; lower optim.lr or check the data")
