@@ -42,6 +42,10 @@ class ModelConfig:
     dropout: float = 0.1
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
     recompute: bool = False  # full activation checkpointing of each layer
+    # torch.compile each transformer layer: auto = on CUDA (faster there), off on CPU, where the one-off compile
+    # (~1-2 min on 2 cores) outweighs the ~15% faster step for short runs (bench/RESULTS.md); true | false force it
+    compile: bool | str = "auto"
+    ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 64 MiB fp32 logit budget)
     # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one
     # t per sequence) and ar (causal next-token prediction; the diffusion settings are unused)
     mode: str = "bd3"
@@ -318,6 +322,10 @@ def validate(cfg: Config) -> None:
              f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     _require((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even (RoPE)")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(m.compile in (True, False, "auto"),
+             f"model.compile must be auto|true|false, got {m.compile!r}")
+    _require(isinstance(m.ce_chunk_tokens, int) and m.ce_chunk_tokens >= 0,
+             f"model.ce_chunk_tokens must be an integer >= 0 (0 = automatic), got {m.ce_chunk_tokens!r}")
     _require(m.attention_backend in ("auto", "sdpa", "flex"),
              f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}")
     _require(m.mode in ("bd3", "mdlm", "ar"), f"model.mode must be bd3|mdlm|ar, got {m.mode!r}")

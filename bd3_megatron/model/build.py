@@ -15,10 +15,26 @@ def build_model(cfg: Config, ctx: ParallelContext, vocab_size: int, mask_token_i
         dropout=m.dropout, tp=ctx.tp, pp=ctx.pp, use_cpu_initialization=not ctx.runtime.is_cuda,
         recompute=m.recompute)
     spec = BD3Spec(vocab_size=vocab_size, mask_token_id=mask_token_id, seq_len=m.seq_len, block_size=m.block_size,
-                   attention_backend=m.attention_backend, mode=m.mode)
+                   attention_backend=m.attention_backend, mode=m.mode, ce_chunk_tokens=m.ce_chunk_tokens)
     model = BD3Model(tconf, spec, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     init_parameters(model, cfg.train.seed)
-    return model.to(ctx.runtime.device)
+    model = model.to(ctx.runtime.device)
+    if compile_enabled(cfg, ctx.runtime.is_cuda):
+        compile_layers(model)
+    return model
+
+
+def compile_enabled(cfg: Config, is_cuda: bool) -> bool:
+    """``model.compile``: auto compiles on CUDA only (see the config comment for why not on CPU)."""
+    return is_cuda if cfg.model.compile == "auto" else bool(cfg.model.compile)
+
+
+def compile_layers(model: BD3Model) -> None:
+    """torch.compile every transformer layer in place (static shapes: one graph per layer kind). Parameters,
+    names and state_dict keys are unchanged, so checkpoints, EMA and the optimizer are unaffected. Compiling
+    layers rather than the whole model keeps megatron's pipeline plumbing and the head's custom autograd eager."""
+    for layer in model.decoder.layers:
+        layer.compile(dynamic=False)
 
 
 def precision_dtype(cfg: Config, is_cuda: bool) -> torch.dtype:
