@@ -22,9 +22,10 @@ byte against the gloo run by ``--check-gloo`` and tests/test_scaling_model.py:
     and 2 ``overlap_comm`` defaults to off, so the reduction does not overlap backward: the model adds it in full.
     Gradients travel in the parameter dtype (bf16 on GPU: the engine casts the module; fp32 on CPU).
   * tensor parallel (megatron-core): per micro-batch and layer 2 all-reduces forward (attention and MLP row-parallel
-    outputs) and 2 backward (column-parallel input gradients) of [2L, b, h]; 1 forward for the vocab-parallel
-    embedding; on the last stage the head's input gradient [N, h] and 3 fp32 [N] all-reduces of the vocab-parallel
-    cross-entropy (N = masked noisy tokens of the micro-batch: L·b·E[t] on average).
+    outputs) and 2 backward (column-parallel input gradients) of [2L, b, h] (the last layer: [L, b, h] except the qkv
+    input gradient, it computes the noisy half only); 1 forward for the vocab-parallel embedding; on the last stage
+    the head's input gradient [N, h] and, per chunk of the fused cross-entropy, an fp32 [C] max and an fp32 [2, C]
+    (sum-exp, target logit) all-reduce (N = masked noisy tokens of the micro-batch: L·b·E[t] on average).
   * pipeline parallel: per micro-batch one [2L, b, h] activation forward and one gradient backward per stage boundary
     (megatron's pipeline_dtype, fp32 as build_transformer_config sets it); 1F1B bubble (p-1)/(m+p-1).
   * scalars: loss, NELBO statistics, the gradient-variance probe gather, grad-norm/overflow reductions: a few calls of a
@@ -158,8 +159,15 @@ def predicted_collectives(shape: ModelShape, layout: Layout, stage: int, act_byt
         act = activation_numel(shape, lay.micro_batch)
         per_mb = 4 * (shape.layers // lay.pp) + (1 if first else 0)
         calls, nbytes = per_mb * m, per_mb * m * act * act_bytes
-        if last:  # head input gradient [N, h] + cross-entropy max / target logit / sum-exp [N] in fp32; the model
-            calls += 4 * sum(1 for n in masked if n > 0)  # skips the head for a micro-batch with nothing masked
+        if last:
+            # the noisy-half last layer: its two forward outputs and fc1's input gradient have L rows, not 2L
+            nbytes -= m * 1.5 * act * act_bytes
+            # the fused head: its input gradient [N, h], and per chunk of tokens the row max [C] and the stacked
+            # (sum-exp, target logit) [2, C] in fp32
+            from bd3_megatron.model.head import chunk_tokens_for
+
+            chunk = chunk_tokens_for(padded_vocab(shape, lay.tp) // lay.tp)
+            calls += sum(1 + 2 * math.ceil(n / chunk) for n in masked if n > 0)
             nbytes += sum(n * shape.hidden * act_bytes + 3 * n * 4 for n in masked)
         out["tp_allreduce"] = (calls, nbytes)
     if lay.pp > 1:

@@ -130,7 +130,8 @@ def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> di
     with trainer_for(layout, cache_dir, run_dir + "/log", ["train.max_bad_steps=2", "train.max_steps=10"]) as trainer:
         if trainer.ctx.is_last_stage:
             trainer.model.output_layer.register_forward_hook(
-                lambda mod, inp, out: (out[0] * float("nan"), out[1]) if poison["on"] else out)
+                lambda mod, inp, out: out._replace(ce=out.ce * float("nan"), nelbo_sum=out.nelbo_sum * float("nan"))
+                if poison["on"] else out)
         trainer.train_step()
         before = {n: p.detach().clone() for n, p in trainer.named.items()}
         poison["on"] = True

@@ -217,7 +217,9 @@ def test_cuda_noise_is_bit_identical_to_cpu():
 # ---- validation batches ----
 
 class _Rows:
-    """A validation split: ``rows(idx) -> [b, L]`` like the data pipeline's readers."""
+    """A validation split: ``rows(idx) -> [b, L]`` like the data pipeline's readers (wrapped: no padding)."""
+
+    pad_token_id = None
 
     def __init__(self, n: int, seq: int):
         self.data = torch.randint(0, MASK, (n, seq), generator=torch.Generator().manual_seed(5)).numpy()
