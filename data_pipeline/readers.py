@@ -68,7 +68,11 @@ class _MemmapShard:
 
 
 class _TarShard:
-    """A webdataset tar shard: rows at the byte offsets of its member index."""
+    """A webdataset tar shard: rows at the byte offsets of its member index.
+
+    The tars data_pipeline.prepare writes have equal-size members, so the rows sit at a fixed stride: they are then
+    read as one strided [rows, seq_len] view of the memory map (a vectorised gather, ~100x the row-by-row copy that
+    any other member layout takes)."""
 
     def __init__(self, path: Path, offsets: np.ndarray, seq_len: int, dtype: np.dtype, name: str) -> None:
         self.name = name
@@ -77,8 +81,16 @@ class _TarShard:
         self._offsets = offsets
         self._seq_len, self._dtype = seq_len, dtype
         self._row_bytes = seq_len * dtype.itemsize
+        stride = int(offsets[1] - offsets[0]) if self.rows > 1 else self._row_bytes
+        self._strided = None
+        if self.rows and stride >= self._row_bytes and \
+                np.array_equal(offsets, offsets[0] + stride * np.arange(self.rows)):
+            self._strided = np.ndarray((self.rows, seq_len), dtype=dtype, buffer=self._bytes, offset=int(offsets[0]),
+                                       strides=(stride, dtype.itemsize))
 
     def take(self, local: np.ndarray) -> np.ndarray:
+        if self._strided is not None:
+            return self._strided[local]
         out = np.empty((len(local), self._seq_len), dtype=self._dtype)
         flat = out.view(np.uint8).reshape(len(local), self._row_bytes)
         for i, at in enumerate(self._offsets[local]):

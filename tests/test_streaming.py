@@ -20,7 +20,7 @@ import xxhash
 from data_pipeline.corpus import embedded_corpus_files
 from data_pipeline.dataset import InMemoryRows, ShuffledStream
 from data_pipeline.prepare import PrepareSettings, prepare
-from data_pipeline.readers import ShardRows, StreamingReader, WebDatasetStream, build_datasets, open_rows
+from data_pipeline.readers import ShardRows, StreamingReader, WebDatasetStream, _TarShard, build_datasets, open_rows
 from data_pipeline.tokenizers import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,15 @@ def test_wds_index_is_rebuilt_and_corrupt_tar_is_named(prepared: dict[str, Path]
     index.write_bytes(b"not an index")  # a damaged index is rebuilt too
     np.testing.assert_array_equal(open_rows(str(root), "train", TOK, SEQ).rows(np.arange(len(want))), everything)
 
+    # rows at a fixed stride are read as one strided view; any other member layout row by row, to the same rows
+    offsets = np.load(index)
+    pick = np.array([0, 2, 3, 7])
+    irregular = _TarShard(root / "train" / "shard-000001.tar", offsets[pick], SEQ, np.dtype(np.uint16), "shard")
+    regular = _TarShard(root / "train" / "shard-000001.tar", offsets, SEQ, np.dtype(np.uint16), "shard")
+    assert irregular._strided is None and regular._strided is not None
+    np.testing.assert_array_equal(irregular.take(np.arange(4)), regular.take(pick))
+    np.testing.assert_array_equal(regular.take(pick), everything[want._starts[1] + pick])
+
     tar = root / "train" / "shard-000001.tar"
     data = bytearray(tar.read_bytes())
     data[512 * 3 : 512 * 3 + 100] = b"x" * 100  # the second member's .npy header
@@ -236,6 +245,30 @@ def test_damaged_decompressed_cache_is_rebuilt_when_verifying(prepared: dict[str
     rebuilt = open_rows(str(prepared["zstd"]), "train", TOK, SEQ, cache_dir=str(cache))
     np.testing.assert_array_equal(rebuilt.rows(np.arange(len(rebuilt))), everything)
     assert raw.read_bytes() != bytes(data)
+
+
+@pytest.mark.slow
+def test_training_run_refuses_a_damaged_shard_in_one_line(prepared: dict[str, Path], tmp_path: Path,
+                                                          data_cache: str) -> None:
+    """launcher.train: a damaged shard is one `error:` line and exit 2 before any step; with data.verify_shards=false
+    the run opens the shards and the vocabulary guard stops it at the first read of the bad row (the initial eval)."""
+    from tests.test_train_e2e import run, tiny_args
+
+    root = _copy(prepared["mds"], tmp_path)
+    shard = root / "val" / "shard.00000.mds"
+    data = bytearray(shard.read_bytes())
+    data[_mds_row_at(shard, 0) : _mds_row_at(shard, 0) + 2] = b"\xff\xff"
+    shard.write_bytes(bytes(data))
+    common = (f"data.path={root}", "train.max_steps=1", "sample.after_train=false")
+    for verify, want in (("true", r"shard shard\.00000\.mds of the val split is corrupt: its xxh64 is [0-9a-f]+, the "
+                                  r"manifest says [0-9a-f]+"),
+                         ("false", r"shard shard\.00000\.mds of the val split \(.*\) row 0 holds token id 65535")):
+        out = run(tiny_args(tmp_path / verify, data_cache, *common, f"data.verify_shards={verify}"))
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == \
+            [out.stderr.strip().splitlines()[-1]]
+        assert re.search(want, out.stderr.strip().splitlines()[-1])
+        assert not (tmp_path / verify / "ckpt").exists() or not any((tmp_path / verify / "ckpt").iterdir())
 
 
 # ---------------------------------------------------------------- the trainer's path
