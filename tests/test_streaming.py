@@ -7,6 +7,7 @@ ShuffledStream over open_rows) and for the mosaicml-streaming reader, plus DP=2 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
 from data_pipeline.corpus import embedded_corpus_files
 from data_pipeline.dataset import InMemoryRows, ShuffledStream
 from data_pipeline.prepare import PrepareSettings, prepare
-from data_pipeline.readers import ShardRows, StreamingReader, WebDatasetStream, build_datasets, open_rows
+from data_pipeline.readers import ShardRows, StreamingReader, WebDatasetStream, _TarShard, build_datasets, open_rows
 from data_pipeline.tokenizers import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +100,14 @@ def test_missing_and_corrupt_mds_shards_are_named(prepared: dict[str, Path], tmp
     with pytest.raises(ValueError, match=r"shard shard\.00001\.mds of the train split is corrupt: .* bytes"):
         open_rows(str(root), "train", TOK, SEQ)
     shard.write_bytes(b"\xff\xff\x00\x00" + data[4:])  # same size, wrong sample count
-    with pytest.raises(ValueError, match=r"shard\.00001\.mds is corrupt: its header"):
-        open_rows(str(root), "train", TOK, SEQ)
+    with pytest.raises(ValueError, match=r"shard\.00001\.mds is corrupt: its header"):  # checked without the hash too
+        open_rows(str(root), "train", TOK, SEQ, verify=False)
     flipped = bytearray(data)
     flipped[-10] ^= 0xFF  # a token inside the last row: only the checksum can tell
     shard.write_bytes(bytes(flipped))
-    assert len(open_rows(str(root), "train", TOK, SEQ)) > 0
+    assert len(open_rows(str(root), "train", TOK, SEQ, verify=False)) > 0
     with pytest.raises(ValueError, match=r"shard shard\.00001\.mds of the train split is corrupt: its xxh64"):
-        open_rows(str(root), "train", TOK, SEQ, verify=True)
+        open_rows(str(root), "train", TOK, SEQ)
 
     (root / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a prepared dataset.*data_pipeline.prepare"):
@@ -118,8 +120,10 @@ def test_corrupt_zstd_shard_is_named(prepared: dict[str, Path], tmp_path: Path) 
     data = bytearray(shard.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"shard\.00001\.mds\.zstd is corrupt"):
+    with pytest.raises(ValueError, match=r"shard shard\.00001\.mds\.zstd of the train split is corrupt: its xxh64"):
         open_rows(str(root), "train", TOK, SEQ, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"shard\.00001\.mds\.zstd is corrupt: its decompressed bytes"):
+        open_rows(str(root), "train", TOK, SEQ, cache_dir=str(tmp_path / "cache"), verify=False)
 
 
 def test_wds_index_is_rebuilt_and_corrupt_tar_is_named(prepared: dict[str, Path], tmp_path: Path) -> None:
@@ -135,16 +139,136 @@ def test_wds_index_is_rebuilt_and_corrupt_tar_is_named(prepared: dict[str, Path]
     index.write_bytes(b"not an index")  # a damaged index is rebuilt too
     np.testing.assert_array_equal(open_rows(str(root), "train", TOK, SEQ).rows(np.arange(len(want))), everything)
 
+    # rows at a fixed stride are read as one strided view; any other member layout row by row, to the same rows
+    offsets = np.load(index)
+    pick = np.array([0, 2, 3, 7])
+    irregular = _TarShard(root / "train" / "shard-000001.tar", offsets[pick], SEQ, np.dtype(np.uint16), "shard")
+    regular = _TarShard(root / "train" / "shard-000001.tar", offsets, SEQ, np.dtype(np.uint16), "shard")
+    assert irregular._strided is None and regular._strided is not None
+    np.testing.assert_array_equal(irregular.take(np.arange(4)), regular.take(pick))
+    np.testing.assert_array_equal(regular.take(pick), everything[want._starts[1] + pick])
+
     tar = root / "train" / "shard-000001.tar"
     data = bytearray(tar.read_bytes())
     data[512 * 3 : 512 * 3 + 100] = b"x" * 100  # the second member's .npy header
     tar.write_bytes(bytes(data))
     index.unlink()
-    with pytest.raises(ValueError, match=r"webdataset shard .*shard-000001\.tar is corrupt"):
+    with pytest.raises(ValueError, match=r"shard shard-000001\.tar of the train split is corrupt: its xxh64"):
         open_rows(str(root), "train", TOK, SEQ)
+    with pytest.raises(ValueError, match=r"webdataset shard .*shard-000001\.tar is corrupt"):
+        open_rows(str(root), "train", TOK, SEQ, verify=False)
     tar.unlink()
     with pytest.raises(FileNotFoundError, match=r"shard shard-000001\.tar of the train split is missing"):
         open_rows(str(root), "train", TOK, SEQ)
+
+
+def _mds_row_at(shard: Path, row: int) -> int:
+    """Byte offset of a row's tokens in an MDS shard, from its header (uint32 count, then count+1 sample offsets)."""
+    return int(np.frombuffer(shard.read_bytes(), dtype="<u4", count=row + 2)[row + 1])
+
+
+def _set_manifest_hash(root: Path, split: str, file: str, key: str = "xxh64") -> None:
+    """Make the manifest agree with the shard's current bytes, as a bad prepare or an edited manifest would."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(e for e in manifest["splits"][split]["shards"] if e["file"] == file)
+    entry[key] = xxhash.xxh64((root / split / file).read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_overwritten_shard_refused_at_open_unless_verification_is_off(prepared: dict[str, Path], tmp_path: Path,
+                                                                      fmt: str) -> None:
+    """Same-size garbage inside a token row: the hash refuses the shard at open, naming it and both hashes; with
+    verification off it opens, and the vocabulary guard refuses the row when it is read, naming shard and row."""
+    root = _copy(prepared[fmt], tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][1]
+    shard = root / "train" / entry["file"]
+    if fmt == "mds":
+        at = _mds_row_at(shard, 5)
+    else:
+        at = int(np.load(root / "train" / entry["file"].replace(".tar", ".idx.npy"))[5])
+    data = bytearray(shard.read_bytes())
+    data[at + 2 * 7 : at + 2 * 9] = b"\xff" * 4  # tokens 7 and 8 of in-shard row 5 become id 65535
+    shard.write_bytes(bytes(data))
+    actual = xxhash.xxh64(bytes(data)).hexdigest()
+    assert actual != entry["xxh64"]
+
+    name = re.escape(entry["file"])
+    with pytest.raises(ValueError, match=rf"shard {name} of the train split is corrupt: its xxh64 is {actual}, the "
+                                         rf"manifest says {entry['xxh64']} .*re-copy \(re-download\)"):
+        open_rows(str(root), "train", TOK, SEQ)
+    with pytest.raises(ValueError, match=rf"shard {name} of the train split"):  # the trainer's switch, default on
+        build_datasets(str(root), get_tokenizer(TOK), SEQ, val_docs=2, cache_dir=None)
+
+    rows = open_rows(str(root), "train", TOK, SEQ, verify=False)  # the hash is not read
+    first = manifest["splits"]["train"]["shards"][0]["rows"]
+    good = np.r_[0:first + 5, first + 6:len(rows)]
+    assert rows.rows(good).max() < 30522  # every other row still reads
+    with pytest.raises(ValueError, match=rf"shard {name} of the train split \(.*\) row 5 holds token id 65535 at "
+                                         r"position 7, outside the vocabulary \[0, 30522\)"):
+        rows.rows(np.array([3, first + 5]))
+
+
+def test_out_of_vocabulary_id_behind_a_matching_hash_refused_at_open(prepared: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """Ids past the vocabulary in a shard whose manifest hash was recomputed: the scan at open names shard and row."""
+    root = _copy(prepared["mds"], tmp_path)
+    shard = root / "val" / "shard.00000.mds"
+    data = bytearray(shard.read_bytes())
+    at = _mds_row_at(shard, 2) + 2 * 31  # the last token of row 2 of the val split
+    data[at : at + 2] = (30522).to_bytes(2, "little")  # the first id past the BERT vocabulary
+    shard.write_bytes(bytes(data))
+    _set_manifest_hash(root, "val", shard.name)
+    with pytest.raises(ValueError, match=r"shard shard\.00000\.mds of the val split \(.*\) row 2 holds token id "
+                                         r"30522 at position 31, outside the vocabulary \[0, 30522\).*re-run "
+                                         r"data_pipeline\.prepare"):
+        open_rows(str(root), "val", TOK, SEQ)
+    val = open_rows(str(root), "val", TOK, SEQ, verify=False)  # no scan at open; the rows read are still checked
+    assert val.rows(np.array([0, 1, 3])).shape == (3, SEQ)
+    with pytest.raises(ValueError, match=r"row 2 holds token id 30522"):
+        val.rows(np.arange(4))
+
+
+def test_damaged_decompressed_cache_is_rebuilt_when_verifying(prepared: dict[str, Path], tmp_path: Path) -> None:
+    """A zstd shard's cached raw copy is derived data: verification re-hashes it and rebuilds it if damaged."""
+    cache = tmp_path / "cache"
+    want = open_rows(str(prepared["zstd"]), "train", TOK, SEQ, cache_dir=str(cache))
+    everything = want.rows(np.arange(len(want)))
+    raw = sorted(cache.glob("*-shard.00000.mds"))[0]
+    data = bytearray(raw.read_bytes())
+    data[_mds_row_at(raw, 0) : _mds_row_at(raw, 0) + 2] = b"\xff\xff"
+    raw.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard shard\.00000\.mds\.zstd of the train split .* row 0 holds token "
+                                         r"id 65535 at position 0"):
+        open_rows(str(prepared["zstd"]), "train", TOK, SEQ, cache_dir=str(cache), verify=False).rows(np.arange(1))
+    rebuilt = open_rows(str(prepared["zstd"]), "train", TOK, SEQ, cache_dir=str(cache))
+    np.testing.assert_array_equal(rebuilt.rows(np.arange(len(rebuilt))), everything)
+    assert raw.read_bytes() != bytes(data)
+
+
+@pytest.mark.slow
+def test_training_run_refuses_a_damaged_shard_in_one_line(prepared: dict[str, Path], tmp_path: Path,
+                                                          data_cache: str) -> None:
+    """launcher.train: a damaged shard is one `error:` line and exit 2 before any step; with data.verify_shards=false
+    the run opens the shards and the vocabulary guard stops it at the first read of the bad row (the initial eval)."""
+    from tests.test_train_e2e import run, tiny_args
+
+    root = _copy(prepared["mds"], tmp_path)
+    shard = root / "val" / "shard.00000.mds"
+    data = bytearray(shard.read_bytes())
+    data[_mds_row_at(shard, 0) : _mds_row_at(shard, 0) + 2] = b"\xff\xff"
+    shard.write_bytes(bytes(data))
+    common = (f"data.path={root}", "train.max_steps=1", "sample.after_train=false")
+    for verify, want in (("true", r"shard shard\.00000\.mds of the val split is corrupt: its xxh64 is [0-9a-f]+, the "
+                                  r"manifest says [0-9a-f]+"),
+                         ("false", r"shard shard\.00000\.mds of the val split \(.*\) row 0 holds token id 65535")):
+        out = run(tiny_args(tmp_path / verify, data_cache, *common, f"data.verify_shards={verify}"))
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == \
+            [out.stderr.strip().splitlines()[-1]]
+        assert re.search(want, out.stderr.strip().splitlines()[-1])
+        assert not (tmp_path / verify / "ckpt").exists() or not any((tmp_path / verify / "ckpt").iterdir())
 
 
 # ---------------------------------------------------------------- the trainer's path

@@ -91,7 +91,8 @@ class Trainer:
         self.dtype = precision_dtype(cfg, ctx.runtime.is_cuda)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.train_rows, self.val_rows, self.data_info = build_datasets(
-            cfg.data.path, self.tokenizer, cfg.model.seq_len, cfg.data.val_docs, cfg.data.cache_dir)
+            cfg.data.path, self.tokenizer, cfg.model.seq_len, cfg.data.val_docs, cfg.data.cache_dir,
+            verify=cfg.data.verify_shards)
         self.stream = ShuffledStream(self.train_rows, seed=t.seed)
         model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
         self.engine = DeepSpeedEngine(model, cfg, ctx, self.dp, self.micro_batches,
