@@ -8,8 +8,9 @@ and then ends the same way. So this wrapper keeps SIGTERM and SIGUSR1 away from 
 both ignored and without them in ``--signals-to-handle``) and sends SIGUSR1 to the workers itself: they checkpoint
 at the next step boundary and exit 0, torchrun sees a successful run and exits 0, and so does this wrapper.
 
-The wrapper repeats SIGUSR1 to the workers every few seconds until they exit: a worker that is still importing has
-not installed its handler yet (and inherits torchrun's "ignore"), so a single signal could be lost. Under Slurm,
+Each worker gets SIGUSR1 exactly once, as soon as it has a handler for it (its SigCgt mask in /proc says so): a
+worker still importing would otherwise lose the signal (or die of it), and a second signal could reach a worker
+in interpreter shutdown, after Python restored the default action, and kill it. Under Slurm,
 where every process of the step receives SIGTERM, the workers also get it directly; either way is the same request.
 Other signals (SIGINT, SIGHUP, SIGQUIT) keep torchrun's behaviour: stop the workers without a checkpoint.
 """
@@ -19,10 +20,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-RESEND_S = 2.0
 
 
 def _workers(agent_pid: int) -> list[int]:
@@ -43,6 +42,16 @@ def _workers(agent_pid: int) -> list[int]:
     return out
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (Linux: the SigCgt mask of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            mask = next(int(line.split()[1], 16) for line in fh if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in argv):
@@ -59,25 +68,26 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
 
     agent = subprocess.Popen(cmd, preexec_fn=ignore_stop_signals)
-    announced, last_sent = False, 0.0
+    signalled: set[int] = set()
+    announced = False
     while True:
         try:
-            rc = agent.wait(timeout=0.5)
-            break
+            return agent.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             pass
-        if requested and time.monotonic() - last_sent >= RESEND_S:
-            if not announced:
-                print(f"[launcher.torchrun] received {signal.Signals(requested[0]).name}: asking the workers to save "
-                      f"a checkpoint and stop", flush=True)
-                announced = True
-            for pid in _workers(agent.pid):
+        if not requested:
+            continue
+        if not announced:
+            announced = True
+            print(f"[launcher.torchrun] received {signal.Signals(requested[0]).name}: asking the workers to save a "
+                  f"checkpoint and stop", flush=True)
+        for pid in _workers(agent.pid):
+            if pid not in signalled and _catches(pid, signal.SIGUSR1):
                 try:
                     os.kill(pid, signal.SIGUSR1)
                 except ProcessLookupError:
                     pass
-            last_sent = time.monotonic()
-    return rc
+                signalled.add(pid)
 
 
 if __name__ == "__main__":
