@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,13 @@ class CheckpointConfig:
     # which of init_from's weights the new run starts from (its weights and its EMA both start there): ema (the
     # pretrain's EMA, as the reference fine-tunes from the released EMA weights) | raw (its training weights)
     init_from_weights: str = "ema"
+    # settings that silently break an exact resume, accepted on resume only when listed here (then logged):
+    # train.seed (another noise and data order from the resumed step on), data.path (other training data: its
+    # identity, the manifest's document hash or the raw text's source and counts, differs from the checkpoint's)
+    allow_changes: list[str] = field(default_factory=list)
+    # hold an exclusive lock (flock) on checkpoint.dir for the whole run, so a second run on the same folder is
+    # refused; false only for file systems without flock support (e.g. Lustre mounted without -o flock)
+    lock: bool = True
 
 
 @dataclass
@@ -315,11 +323,30 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# checkpoint.allow_changes: the settings whose change on resume is accepted when the user lists them
+ALLOWED_CHANGES = ("train.seed", "data.path")
+
+
+def _require_finite(cfg: Config) -> None:
+    """Every float of the schema (and every item of a float list) is finite: a NaN or inf learning rate, dropout,
+    window bound, ... would otherwise pass the range checks below (NaN compares False) or poison the run later."""
+    for section in dataclasses.fields(cfg):
+        body = getattr(cfg, section.name)
+        for f in dataclasses.fields(body):
+            value = getattr(body, f.name)
+            items = value if isinstance(value, list) else [value]
+            _require(not any(isinstance(x, float) and not math.isfinite(x) for x in items),
+                     f"{section.name}.{f.name} must be a finite number, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not depend on the number of processes."""
+    _require_finite(cfg)
     m, d, t, o, p = cfg.model, cfg.diffusion, cfg.train, cfg.optim, cfg.parallel
     for key in ("num_layers", "hidden_size", "num_heads", "seq_len", "block_size"):
         _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _require(m.ffn_hidden_size is None or m.ffn_hidden_size >= 1,
+             f"model.ffn_hidden_size must be >= 1 (or null for 4 x hidden_size), got {m.ffn_hidden_size}")
     _require(m.seq_len % m.block_size == 0,
              f"model.seq_len ({m.seq_len}) must be divisible by model.block_size ({m.block_size})")
     _require(m.hidden_size % m.num_heads == 0,
@@ -343,6 +370,7 @@ def validate(cfg: Config) -> None:
     _require(d.clip_search_delta > 0 and d.clip_search_rows >= 0,
              "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_rows >= 0")
     _require(all(0 < w <= 1 for w in d.clip_search_widths), "diffusion.clip_search_widths must lie in (0, 1]")
+    _require(not d.clip_search or d.clip_search_widths, "diffusion.clip_search needs diffusion.clip_search_widths")
     _require(d.clip_search_interval >= 0, "diffusion.clip_search_interval must be >= 0")
     _require(not (d.clip_search and d.clip_search_interval and t.eval_interval
                   and d.clip_search_interval % t.eval_interval),
@@ -355,14 +383,23 @@ def validate(cfg: Config) -> None:
         _require(window_feasible(ClipWindow(d.eps_min, d.eps_max), m.block_size),
                  f"diffusion window [{d.eps_min}, {d.eps_max}] admits no masked-token count for block_size "
                  f"{m.block_size}; widen the window or set diffusion.resample=false")
-    _require(t.max_steps >= 1, "train.max_steps must be >= 1")
-    _require(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _require(cfg.data.val_docs >= 1, f"data.val_docs must be >= 1 (documents held out for validation), got "
+                                     f"{cfg.data.val_docs}")
+    _require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
+    _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _require(t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1 (consecutive non-finite steps tolerated), "
+                                   f"got {t.max_bad_steps}")
     _require(t.global_batch_size % t.micro_batch_size == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
              f"({t.micro_batch_size})")
     _require(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
     _require(t.eval_interval >= 0 and t.eval_rows >= 0, "train.eval_interval and train.eval_rows must be >= 0")
     _require(o.lr > 0, "optim.lr must be > 0")
+    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _require(o.eps > 0, f"optim.eps must be > 0 (Adam divides by sqrt(v) + eps), got {o.eps}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
     _require(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant|cosine, got {o.schedule!r}")
     _require(0.0 <= o.ema < 1.0, f"optim.ema must be in [0, 1), got {o.ema}")
@@ -380,12 +417,16 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep >= 0, "checkpoint.interval/keep must be >= 0")
     _require(cfg.checkpoint.init_from_weights in ("ema", "raw"),
              f"checkpoint.init_from_weights must be ema|raw, got {cfg.checkpoint.init_from_weights!r}")
+    for key in cfg.checkpoint.allow_changes:
+        _require(key in ALLOWED_CHANGES, f"checkpoint.allow_changes: {key!r} cannot be allowed; the settings that "
+                                         f"may change on resume are {', '.join(ALLOWED_CHANGES)}")
     _require(cfg.log.variance_warn_factor >= 0, f"log.variance_warn_factor must be >= 0 (0: off), got "
                                                 f"{cfg.log.variance_warn_factor}")
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
     _require(cfg.log.wandb_mode in ("offline", "online"), f"log.wandb_mode must be offline|online, got {cfg.log.wandb_mode!r}")
     s = cfg.sample
     _require(s.num_samples >= 0 and s.steps >= 1, "sample.num_samples must be >= 0 and sample.steps >= 1")
+    _require(s.seed >= 0, f"sample.seed must be >= 0, got {s.seed}")
     _require(0.0 < s.nucleus_p <= 1.0, f"sample.nucleus_p must be in (0, 1], got {s.nucleus_p}")
     if s.length is not None:
         _require(s.length >= 1 and s.length % m.block_size == 0,

@@ -56,15 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     from bd3_megatron.config import ConfigError, load_config
     from bd3_megatron.training.checkpoint import CheckpointError
+    from bd3_megatron.training.run_lock import RunLockError
 
     try:
         overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         from bd3_megatron.parallel import state
-        from bd3_megatron.training.trainer import PreemptionRequested, Trainer, TrainingStopped
+        from bd3_megatron.training.run_lock import lock_run
+        from bd3_megatron.training.trainer import PreemptionRequested, StopSignal, Trainer, TrainingStopped
 
+        stop = StopSignal()  # from here on a stop request is remembered and honoured at the first step boundary
         ctx = state.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, cfg.parallel.device)
+        lock = None
         try:
+            # one run per checkpoint folder, before any work (rank 0 holds it; see run_lock for why one rank)
+            lock = lock_run(cfg.checkpoint.dir, ctx.rank, cfg.checkpoint.lock,
+                            log=lambda text: print(text, flush=True))
             trainer = Trainer(cfg, ctx)
             info = trainer.data_info
             trainer.logger.info(
@@ -75,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             trainer.maybe_resume()
             if trainer.step == 0:
                 trainer.initial_eval()
-            trainer.train()
+            trainer.train(stop)
             if not args.no_sample and cfg.sample.after_train:
                 print_samples(trainer, cfg)
             trainer.logger.close()
         finally:
+            if lock is not None:
+                lock.release()
             state.shutdown()
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, RunLockError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except PreemptionRequested as exc:

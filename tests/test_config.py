@@ -58,6 +58,24 @@ def test_presets_fill_sizes_but_explicit_keys_win():
     ({}, ["log.variance_warn_factor=-1"], "log.variance_warn_factor must be >= 0"),
     ({"train": {"eval_batches": 4}}, [], "'train.eval_batches' was replaced by train.eval_rows"),
     ({}, ["diffusion.clip_search_batches=4"], "replaced by diffusion.clip_search_rows"),
+    # issue 14: every size and count >= 1, every float finite, before any work
+    ({}, ["train.global_batch_size=0"], "train.global_batch_size must be >= 1, got 0"),
+    ({}, ["train.max_bad_steps=0"], "train.max_bad_steps must be >= 1"),
+    ({}, ["model.ffn_hidden_size=0"], "model.ffn_hidden_size must be >= 1"),
+    ({}, ["data.val_docs=0"], "data.val_docs must be >= 1"),
+    ({}, ["train.seed=-1"], "train.seed must be >= 0"),
+    ({}, ["sample.seed=-1"], "sample.seed must be >= 0"),
+    ({}, ["optim.eps=0"], "optim.eps must be > 0"),
+    ({}, ["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0"),
+    ({}, ["optim.min_lr=1.0", "optim.lr=0.1"], "optim.min_lr must be in [0, optim.lr=0.1]"),
+    ({}, ["diffusion.clip_search=true", "diffusion.clip_search_widths=[]"], "needs diffusion.clip_search_widths"),
+    ({}, ["optim.lr=.nan"], "optim.lr must be a finite number, got nan"),
+    ({}, ["optim.lr=inf"], "optim.lr must be a finite number, got inf"),
+    ({}, ["optim.grad_clip=.inf"], "optim.grad_clip must be a finite number"),
+    ({}, ["diffusion.eps_max=nan"], "diffusion.eps_max must be a finite number"),
+    ({}, ["optim.betas=[0.9, .nan]"], "optim.betas must be a finite number"),
+    ({}, ["log.variance_warn_factor=.inf"], "log.variance_warn_factor must be a finite number"),
+    ({}, ["checkpoint.allow_changes=[model.hidden_size]"], "'model.hidden_size' cannot be allowed"),
     ({}, ["nodot=3"], "must be section.key"),
     ({}, ["model.block_size"], "not of the form"),
 ])
@@ -94,3 +112,35 @@ def test_cli_reports_config_error_in_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(tmp_path / "missing.yaml")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_every_float_of_the_schema_is_checked_finite():
+    """The finite check walks the schema, so a float key added later is covered without a new line here."""
+    import dataclasses
+    import typing
+
+    from bd3_megatron.config import Config
+
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            if "float" in str(typing.get_type_hints(cls)[f.name]):
+                value = "[.nan]" if "list" in str(typing.get_type_hints(cls)[f.name]) else ".nan"
+                with pytest.raises(ConfigError, match=f"{section.name}.{f.name} must be a finite number"):
+                    config_from_dict({}, [f"{section.name}.{f.name}={value}"])
+
+
+def test_allow_changes_accepts_the_listed_settings():
+    cfg = config_from_dict({}, ["checkpoint.allow_changes=[train.seed, data.path]"])
+    assert cfg.checkpoint.allow_changes == ["train.seed", "data.path"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_error_line_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", str(ROOT / "configs/tiny_cpu.yaml"),
+                           "parallel.device=cuda", f"checkpoint.dir={tmp_path / 'ckpt'}", f"log.dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "error: parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt").exists()  # refused before any work

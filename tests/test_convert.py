@@ -450,3 +450,20 @@ def test_trainer_cli_checkpoint_converts_and_samples(mcore, data_cache, tmp_path
                "16", "--no-progress"])
     assert smp.returncode == 0, smp.stderr
     assert smp.stdout.count("--- sample") == 2 and "network calls" in smp.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--length", "0"], "--length must be >= 1, got 0"),
+    (["--block-size", "0"], "--block-size must be >= 1, got 0"),
+    (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
+    (["--block-size", "BIG"], "is larger than the model's context of"),
+], ids=["length0", "block0", "block_negative", "block_beyond_context"])
+def test_sample_cli_refuses_zero_sizes_and_a_block_beyond_the_context(native, capsys, flags, message):
+    """issue 14: 0 is refused, not silently replaced by the default; a block longer than the context names that."""
+    from tools import sample
+
+    flags = [str(2 * SEQ) if f == "BIG" else f for f in flags]
+    assert sample.main(["--checkpoint", str(native), "--num-samples", "1", "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert "context length 0" not in err[0]

@@ -106,11 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         schedule = "threshold" if args.threshold is not None else "first_hitting" if args.first_hitting else "ddpm"
         if args.threshold is not None and args.first_hitting:
             raise ValueError("choose either --threshold or --first-hitting")
-        block = args.block_size or ck.config.block_size
+        # 0 is a value to refuse, not "the default": only an absent option falls back to the checkpoint's
+        block = ck.config.block_size if args.block_size is None else args.block_size
+        length = ck.config.seq_len if args.length is None else args.length
+        for flag, value in (("--block-size", block), ("--length", length)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if block > ck.config.seq_len:
+            raise ValueError(f"--block-size {block} is larger than the model's context of {ck.config.seq_len} "
+                             f"tokens (its model.seq_len); pick a block size <= {ck.config.seq_len}")
         if block != ck.config.block_size:
             print(f"note: sampling with L'={block}; the model was trained with L'={ck.config.block_size}",
                   file=sys.stderr)
-        opts = SampleOptions(length=args.length or ck.config.seq_len, block_size=block, schedule=schedule,
+        opts = SampleOptions(length=length, block_size=block, schedule=schedule,
                              steps=args.steps, threshold=args.threshold if args.threshold is not None else 0.9,
                              nucleus_p=args.nucleus_p, greedy=args.greedy, kv_cache=args.kv_cache, seed=args.seed,
                              var_length=not args.fixed_length, eos_id=tok.eos_token_id if tok else None)

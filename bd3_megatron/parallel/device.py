@@ -51,13 +51,14 @@ def cuda_available() -> bool:
 def select_runtime(requested: str = "auto", local_rank: int | None = None) -> Runtime:
     """Pick device + backend. ``requested`` is ``auto`` | ``cuda`` | ``cpu``.
 
-    ``auto`` uses CUDA when present. Asking for ``cuda`` on a machine without it is an error, not a silent fallback.
+    ``auto`` uses CUDA when present. Asking for ``cuda`` on a machine without it is an error (ValueError, which the
+    launcher reports as one ``error:`` line before any work), not a silent fallback.
     """
     global _RUNTIME
     if requested not in ("auto", "cuda", "cpu"):
         raise ValueError(f"parallel.device must be one of auto|cuda|cpu, got {requested!r}")
     if requested == "cuda" and not cuda_available():
-        raise RuntimeError("parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto")
+        raise ValueError("parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto")
     use_cuda = requested == "cuda" or (requested == "auto" and cuda_available())
     if use_cuda:
         if local_rank is None:

@@ -346,6 +346,8 @@ def generate(net: BD3Net, num_samples: int, opts: SampleOptions, prompt: Sequenc
         raise ValueError(f"this is a model.mode={cfg.mode} checkpoint; the block diffusion sampler needs a bd3 model "
                          f"(an ar checkpoint scores samples: tools/eval_ppl.py --gen-ppl-model)")
     lb = opts.block_size or cfg.block_size
+    if opts.context_len is None and lb > cfg.seq_len:  # else the rounded-down context below would read 0
+        raise ValueError(f"block size {lb} is larger than the model's context of {cfg.seq_len} tokens (seq_len)")
     context = opts.context_len or (cfg.seq_len // lb) * lb
     if context % lb or context < lb:
         raise ValueError(f"context length {context} must be a positive multiple of the block size {lb}")

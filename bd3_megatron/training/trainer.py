@@ -22,6 +22,7 @@ from bd3_megatron.parallel.state import ParallelContext
 from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
 from bd3_megatron.training.metrics import MetricsLogger, VarianceWatch
+from bd3_megatron.training.resume_check import check_resume, zero_stage_change
 from bd3_megatron.training.optim import EMA, lr_at
 
 
@@ -29,8 +30,9 @@ class PreemptionRequested(Exception):
     """A checkpoint was saved because the scheduler asked the job to stop (SIGUSR1/SIGTERM); requeue to continue."""
 
 
-class _StopSignal:
-    """Remembers SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary instead of dying mid-step."""
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM so the loop can checkpoint at the next step boundary instead of dying mid-step.
+    The launcher creates it before the process group starts, so a stop asked during start-up is not lost."""
 
     def __init__(self):
         self.received: int | None = None
@@ -355,16 +357,18 @@ class Trainer:
                 self.init_from(c.init_from)
             return
         meta = ckpt.read_metadata(path)
-        saved_cfg = meta["config"]
-        for section, key in (("model", "seq_len"), ("model", "block_size"), ("model", "num_layers"),
-                             ("model", "hidden_size"), ("model", "num_heads"), ("data", "tokenizer"),
-                             ("train", "global_batch_size")):
-            if saved_cfg[section][key] != getattr(getattr(self.cfg, section), key):
-                raise ckpt.CheckpointError(f"{path} has {section}.{key}={saved_cfg[section][key]} but this run has "
-                                           f"{getattr(getattr(self.cfg, section), key)}; resume with the same value")
+        for note in check_resume(path, meta, self.cfg, self.data_info, self.tokenizer.vocab_size,
+                                 self.tokenizer.mask_token_id):
+            self.logger.info(note)
         same_layout = ckpt.layout_matches(meta, self.layout)
         if not same_layout and not c.reshard:
             ckpt.check_layout(meta, self.layout, path)  # raises with the explanation
+        zero = zero_stage_change(meta, self.cfg)
+        if zero and not c.reshard:
+            raise ckpt.CheckpointError(f"{path} was saved with parallel.zero_stage={zero[0]} but this run has "
+                                       f"parallel.zero_stage={zero[1]}: its optimizer state does not load into "
+                                       f"another stage; resume with parallel.zero_stage={zero[0]}, or set "
+                                       f"checkpoint.reshard=true to load the weights and EMA with a fresh optimizer")
         if same_layout:
             mstate = ckpt.load_file(path / self.layout.model_file())
             weights, ema = mstate["model"], mstate.get("ema")
@@ -375,17 +379,20 @@ class Trainer:
             by_canonical = {self.canonical[n]: n for n in self.named}
             self.ema.load_state_dict({"decay": ema["decay"], "num_updates": ema["num_updates"],
                                       "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()}})
-        if same_layout:
+        if same_layout and not zero:
             # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own
             ostates = [ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes())
                        for r in range(self.dp)]
             self.engine.load_state_dict([o["engine"] for o in ostates])
+        if same_layout:
             ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
         self.step = meta["step"]
         self.skipped_steps = meta.get("skipped_steps", 0)
         if "clip_window" in meta and self.cfg.diffusion.clip_search and not self.cfg.diffusion.fix_clipping:
             self.batches.window = ClipWindow(*meta["clip_window"])  # the searched window survives a restart
         how = "" if same_layout else f" (weights resharded from layout {meta['layout']}, fresh optimizer state)"
+        if zero and same_layout:
+            how = f" (weights and EMA loaded, fresh optimizer state: ZeRO stage {zero[0]} -> {zero[1]})"
         self.logger.info(f"resumed from {path} at step {self.step}{how}")
 
     @torch.no_grad()
@@ -432,11 +439,11 @@ class Trainer:
                          f"training starts at step 0")
 
     # ------------------------------------------------------------------ the loop
-    def train(self) -> dict:
+    def train(self, stop: StopSignal | None = None) -> dict:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         last_eval: dict = {}
-        stop = _StopSignal()
+        stop = stop or StopSignal()
         window_start, window_steps = time.time(), 0
         watch = VarianceWatch(cfg.log.variance_warn_factor)
         while self.step < t.max_steps:
