@@ -151,9 +151,9 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
             logits, _ = super().forward(hidden)
             return logits.float().masked_fill(self.never_predict, float("-inf"))
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # gradient all-reduced over TP
-        ce, nelbo_sum = linear_cross_entropy(hidden, self.weight, labels, self.never_predict_ids, loss_weight=loss_weight,
-                                             vocab_start=self.vocab_start, chunk_tokens=self.chunk_tokens,
-                                             group=self.tp_group)
+        ce, nelbo_sum = linear_cross_entropy(hidden, self.weight, labels, self.never_predict_ids,
+                                             loss_weight=loss_weight, vocab_start=self.vocab_start,
+                                             chunk_tokens=self.chunk_tokens, group=self.tp_group)
         return HeadOutput(ce, nelbo_sum)
 
 
@@ -289,10 +289,16 @@ class BD3Model(MegatronModule):
             out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
             loss_mask = loss_mask.clone()
             loss_mask[:, 0] = False
-        head = self.output_layer(out[loss_mask], labels=x0[loss_mask],
-                                 loss_weight=None if loss_weight is None else loss_weight[loss_mask])
-        ce = torch.zeros(loss_mask.shape, dtype=torch.float32, device=out.device).masked_scatter(loss_mask, head.ce)
-        return HeadOutput(ce, head.nelbo_sum)
+        # the predicted positions, batch-major, found once (one host synchronisation instead of one per bool index)
+        idx = loss_mask.reshape(-1).nonzero().squeeze(1)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:  # [b, L, ...] -> [N, ...] at the predicted positions
+            return t.reshape(-1, *t.shape[2:]).index_select(0, idx)
+
+        weight = None if loss_weight is None else pick(loss_weight)
+        head = self.output_layer(pick(out), labels=pick(x0), loss_weight=weight)
+        ce = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=out.device).index_copy_(0, idx, head.ce)
+        return HeadOutput(ce.view(loss_mask.shape), head.nelbo_sum)
 
     def block_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) given x_t ⊕ x0 (single-stage models only)."""

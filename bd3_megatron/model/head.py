@@ -11,7 +11,7 @@ Why fused: the plain route (ColumnParallelLinear → masked_fill → vocab_paral
 in the fill's backward. Here the logits of C tokens live in one reused buffer: the fill is in place, and when the
 caller gives the per-token loss weights (the NELBO weight α'_t/(1-α_t) of each masked token, 1/t for log-linear) the
 gradients w.r.t. the hidden states and the head weight are formed in the same pass, so backward only rescales them
-by the incoming scalar gradient. Executed FLOPs are those of the plain route (2·N·Vp·h forward, 4·N·Vp·h backward);
+by the incoming scalar gradient. Executed FLOPs equal the plain route's (2·N·Vp·h forward, 4·N·Vp·h backward);
 peak memory of the head is one [C, Vp] buffer instead of several [N, Vp] ones.
 
 Tensor parallelism: ``hidden`` must already have passed ``copy_to_tensor_model_parallel_region`` (identity forward,
@@ -67,7 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             hi = min(n, lo + chunk)
             h = hidden[lo:hi]
             logits = F.linear(h, weight).float()  # [C, Vp]; a fresh fp32 buffer we may overwrite
-            logits.index_fill_(1, never_predict, float("-inf"))  # SUBS: mask token, vocabulary padding (few columns)
+            logits.index_fill_(1, never_predict, float("-inf"))  # SUBS: the mask token and vocabulary padding
             row_max = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
             logits.sub_(row_max[:, None])
             target = logits.gather(1, local[lo:hi, None]).squeeze(1) * owned[lo:hi]
