@@ -43,8 +43,8 @@ class ModelConfig:
     dropout: float = 0.1
     attention_backend: str = "auto"  # auto (flex on CUDA, sdpa on CPU) | sdpa | flex
     recompute: bool = False  # full activation checkpointing of each layer
-    # torch.compile each transformer layer: auto = on CUDA (faster there), off on CPU, where the one-off compile
-    # (~1-2 min on 2 cores) outweighs the ~15% faster step for short runs (bench/RESULTS.md); true | false force it
+    # torch.compile each transformer layer: auto = on CUDA, off on CPU, where the compiled step measured no faster
+    # (bench/RESULTS.md) and the one-off compile costs ~1-2 min on 2 cores; true | false force it
     compile: bool | str = "auto"
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 64 MiB fp32 logit budget)
     # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one

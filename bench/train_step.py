@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--baseline", action="store_true", help="also time the reference-equivalent plain-PyTorch model")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides, e.g. parallel.tp=2")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may stand between the flags
     for name in ("layers", "hidden", "heads", "seq_len", "block_size", "batch", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="auto | none | a checkpoint directory (= checkpoint.resume)")
     p.add_argument("--no-sample", action="store_true", help="skip sampling after training")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. model.block_size=8")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may stand between the flags
 
 
 def print_samples(trainer, cfg) -> None:
