@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -358,7 +359,7 @@ def validate(cfg: Config) -> None:
              f"({t.micro_batch_size})")
     _require(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
     _require(t.eval_interval >= 0 and t.eval_rows >= 0, "train.eval_interval and train.eval_rows must be >= 0")
-    _require(o.lr > 0, "optim.lr must be > 0")
+    _require(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
     _require(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant|cosine, got {o.schedule!r}")
     _require(0.0 <= o.ema < 1.0, f"optim.ema must be in [0, 1), got {o.ema}")
