@@ -86,8 +86,9 @@ class UpdateGuard:
 
     Exact path (only when the bound cannot prove it, e.g. optim.lr=1e37, or ZeRO without clipping, whose norm is
     known only inside DeepSpeed's step): copy every tensor the step mutates (module parameters, the optimizer's
-    fp32 masters and state), step, measure (one all-reduce), and if anything is non-finite on any rank copy
-    everything back and drop state the step created: the step is not applied, bit for bit, on every rank."""
+    fp32 masters and state), step, measure (one all-reduce), and if anything is non-finite, or so large
+    (>= SAFE_MAGNITUDE) that the next forward pass would overflow, on any rank, copy everything back and drop state the
+    step created: the step is not applied, bit for bit, on every rank."""
 
     def __init__(self, engine, zero_stage: int, grad_clip: float):
         self.engine, self.zero_stage, self.grad_clip = engine, zero_stage, grad_clip
@@ -152,7 +153,7 @@ class UpdateGuard:
         state_before = set(self._inner().state)
         step_fn()
         measured = self.measure()
-        if all(math.isfinite(x) for x in measured):
+        if all(x < SAFE_MAGNITUDE for x in measured):  # (inf and NaN fail too: measure() maps NaN to inf)
             self.bounds = measured
             return True
         torch._foreach_copy_(tensors, backup)
