@@ -65,7 +65,7 @@ def test_metadata_that_disagrees_with_its_folder_is_damaged(tmp_path):
     with pytest.raises(ckpt.CheckpointDamaged, match="does not match its recorded digest"):
         ckpt.read_metadata(path)
     edited = dict(meta, step=8)
-    edited["metadata_sha256"] = ckpt._metadata_digest(edited)  # even a consistent edit disagrees with the folder
+    edited["metadata_sha256"] = ckpt.metadata_digest(edited)  # even a consistent edit disagrees with the folder
     meta_file.write_text(json.dumps(edited))
     with pytest.raises(ckpt.CheckpointDamaged, match="says step 8 but the folder is step_00000004"):
         ckpt.read_metadata(path)

@@ -153,7 +153,7 @@ def _save_file(obj: Any, path: Path) -> dict[str, Any]:
     return {"bytes": writer.size, "sha256": writer.sha.hexdigest()}
 
 
-def _metadata_digest(meta: dict[str, Any]) -> str:
+def metadata_digest(meta: dict[str, Any]) -> str:
     """sha256 of the metadata without its own digest field (canonical JSON), so any edit of metadata.json shows."""
     body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -271,7 +271,7 @@ def save_checkpoint(root: str | Path, step: int, layout: Layout, *, model_state:
             meta = dict(metadata, format_version=FORMAT_VERSION, step=step, saved_at=time.time(),
                         layout={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}, versions=_library_versions(),
                         files=dict(sorted(all_files.items())))
-            meta["metadata_sha256"] = _metadata_digest(meta)
+            meta["metadata_sha256"] = metadata_digest(meta)
             _atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=2, sort_keys=True))
             _fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace only once the new one is whole
@@ -374,7 +374,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
         raise CheckpointError(f"{path} has format version {meta.get('format_version') if isinstance(meta, dict) else '?'}"
                               f", this code reads {', '.join(map(str, _READABLE_VERSIONS))}")
-    if meta["format_version"] >= 2 and meta.get("metadata_sha256") != _metadata_digest(meta):
+    if meta["format_version"] >= 2 and meta.get("metadata_sha256") != metadata_digest(meta):
         raise CheckpointDamaged(f"{meta_file} does not match its recorded digest: it was edited or corrupted")
     folder = _STEP_RE.match(path.name)
     if folder and meta.get("step") != int(folder.group(1)):
