@@ -396,7 +396,7 @@ def validate(cfg: Config) -> None:
              f"({t.micro_batch_size})")
     _require(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
     _require(t.eval_interval >= 0 and t.eval_rows >= 0, "train.eval_interval and train.eval_rows must be >= 0")
-    _require(o.lr > 0, "optim.lr must be > 0")
+    _require(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(o.eps > 0, f"optim.eps must be > 0 (Adam divides by sqrt(v) + eps), got {o.eps}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 
 import torch
 
@@ -177,3 +178,49 @@ def count_step_collectives(rank: int, world: int, layout, cache_dir: str, log_di
         with CollectiveCounter(groups) as counter:
             trainer.train_step()
         return {"rank": rank, "pp_rank": trainer.ctx.pp_rank, "masked": masked, "calls": counter.calls}
+
+
+def overflow_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
+    """Weight decay 1e43 after a first ordinary step: decoupled decay multiplies every weight by (1 - lr*wd) ~ -1e40,
+    so each update would
+    overflow the weights while the gradients stay finite. Every such update must leave parameters and optimizer state
+    bit for bit as they were, until train.max_bad_steps stops training; with the decay back to 0 the next step is
+    applied."""
+    def snapshot(trainer):
+        params = {n: p.detach().clone() for n, p in trainer.named.items()}
+        buf = io.BytesIO()
+        torch.save(trainer.engine.state_dict()["optimizer"], buf)  # (global_steps counts skipped steps too)
+        return params, buf.getvalue()
+
+    out = {}
+    def set_decay(trainer, wd: float) -> None:
+        for group in trainer.engine.guard._inner().param_groups:
+            group["weight_decay"] = wd
+
+    with trainer_for(layout, cache_dir, run_dir + "/log", ["optim.warmup_steps=0", "train.max_bad_steps=3"]) as trainer:
+        trainer.train_step()  # an ordinary first step: the Adam moments exist from here on
+        set_decay(trainer, 1e43)
+        kept, grads_finite = True, True
+        while trainer.bad_steps < trainer.cfg.train.max_bad_steps:
+            before = snapshot(trainer)
+            rec = trainer.train_step()
+            grads_finite &= rec["grad_norm"] == rec["grad_norm"] and rec["grad_norm"] < float("inf")
+            after = snapshot(trainer)
+            kept &= after[1] == before[1] and all(torch.equal(after[0][n], t) for n, t in before[0].items())
+        set_decay(trainer, 0.0)
+        before = snapshot(trainer)[0]
+        rec = trainer.train_step()
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in trainer.named.items())
+        out.update(refused=rec["skipped_steps"], kept=kept, grads_finite=grads_finite, moved=moved,
+                   finite=all(bool(torch.isfinite(p).all()) for p in trainer.named.values()),
+                   exact_steps=trainer.engine.guard.exact_steps)
+    return out
+
+
+def guarded_normal_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
+    """Three ordinary steps: the guard's host bound must prove each finite (no exact path) and hold the weights."""
+    with trainer_for(layout, cache_dir, run_dir + "/log2", ["optim.warmup_steps=0"]) as trainer:
+        for _ in range(3):
+            trainer.train_step()
+        return {"exact_steps": trainer.engine.guard.exact_steps, "bound": trainer.engine.guard.bounds,
+                "measured": trainer.engine.guard.measure()}

@@ -60,15 +60,18 @@ def metadata(vocab_size: int = VOCAB, tokenizer: str | None = None) -> dict:
 
 def write_checkpoint(root: Path, step: int, tp: int, pp: int, shards: dict[tuple[int, int], dict], meta: dict) -> Path:
     """A published checkpoint directory in the trainer's layout (model files + metadata.json + latest)."""
-    from bd3_megatron.training.checkpoint import FORMAT_VERSION, step_dir_name
+    import hashlib
+
+    from bd3_megatron.training.checkpoint import FORMAT_VERSION, metadata_digest, step_dir_name
 
     d = root / step_dir_name(step)
     d.mkdir(parents=True)
     for (t, p), state in shards.items():
         torch.save(state, d / f"model_tp{t:02d}_pp{p:02d}.pt")
-    files = {f.name: f.stat().st_size for f in sorted(d.iterdir())}
-    (d / "metadata.json").write_text(json.dumps(dict(meta, format_version=FORMAT_VERSION, step=step, files=files,
-                                                     layout={"tp": tp, "pp": pp, "dp": 1})))
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+             for f in sorted(d.iterdir())}
+    meta = dict(meta, format_version=FORMAT_VERSION, step=step, files=files, layout={"tp": tp, "pp": pp, "dp": 1})
+    (d / "metadata.json").write_text(json.dumps(dict(meta, metadata_sha256=metadata_digest(meta))))
     (root / "latest").write_text(d.name + "\n")
     return d
 

@@ -53,3 +53,17 @@ def test_non_finite_steps_are_skipped_then_training_stops(layout, data_cache, tm
         assert "consecutive non-finite steps" in r["stopped"]
         if r["last_stage"]:
             assert r["good_loss"] == r["good_loss"]  # finite again after the poisoned step
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 1, 0), (1, 1, 2, 1), (1, 1, 2, 2)], ids=["zero0", "dp2_zero1", "dp2_zero2"])
+def test_an_update_that_overflows_the_weights_is_not_applied(layout, data_cache, tmp_path):
+    from tests.dist_workers import guarded_normal_steps, overflow_steps
+
+    world = layout[0] * layout[1] * layout[2]
+    for r in run_ranks(overflow_steps, world, layout, data_cache, str(tmp_path)):
+        assert r["refused"] == 3 and r["grads_finite"]  # refused for the update alone, until max_bad_steps
+        assert r["kept"]  # bit for bit: weights and optimizer state
+        assert r["exact_steps"] == 3 and r["finite"] and 0 < r["moved"] < 1  # decay back to 0: applied again
+    for r in run_ranks(guarded_normal_steps, world, layout, data_cache, str(tmp_path)):
+        assert r["exact_steps"] == 0  # ordinary steps: proven finite on the host, no copy, no extra sync
+        assert all(m <= b for m, b in zip(r["measured"], r["bound"]))  # the bound holds the real maxima

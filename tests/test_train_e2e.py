@@ -87,29 +87,67 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, data_cache):
         assert got[step]["grad_norm"] == want[step]["grad_norm"], step
 
 
-def test_damaged_checkpoints_are_refused_with_a_clear_error(tmp_path, data_cache):
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, data_cache):
+    """Issue 14: same-size byte damage is caught by the content hash, the run resumes from the newest intact checkpoint
+    and continues exactly as the undamaged run did; a deleted `latest` resumes from the newest step folder; nothing
+    intact is one error line."""
+    from tests.test_checkpoint_integrity import flip_middle_bytes
+
     args = tiny_args(tmp_path, data_cache, "train.max_steps=4", "train.eval_interval=0", "checkpoint.interval=2",
-                     "sample.after_train=false")
-    assert run(args).returncode == 0
+                     "checkpoint.keep=0", "sample.after_train=false")
+    first = run(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    want = metrics(tmp_path / "log")
     ckpt = tmp_path / "ckpt"
-    # a half-written save (no tracker entry, .tmp name) is ignored: auto-resume picks the published one
+    # a half-written save (no tracker entry, .tmp name) is ignored; bytes flipped inside the newest model file
     (ckpt / "step_00000006.tmp").mkdir()
-    ok = run(args[:-4] + ["train.max_steps=5", "train.eval_interval=0", "checkpoint.interval=0",
-                          "sample.after_train=false"])
-    assert ok.returncode == 0 and "resumed from" in ok.stdout and "step_00000004" in ok.stdout, ok.stderr[-2000:]
-    # truncate a file of the newest checkpoint: refused, nothing overwritten
-    latest = ckpt / (ckpt / "latest").read_text().strip()
-    model_file = latest / "model_tp00_pp00.pt"
-    model_file.write_bytes(model_file.read_bytes()[:100])
+    flip_middle_bytes(ckpt / "step_00000004/model_tp00_pp00.pt")
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "step_00000004 is damaged and not used" in again.stdout and "sha256" in again.stdout
+    assert "resumed from" in again.stdout and "step_00000002 at step 2" in again.stdout
+    got = metrics(tmp_path / "log")
+    assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]  # bit for bit from step 2
+    assert (ckpt / "step_00000004.replaced").is_dir()  # the damaged folder is kept aside, not deleted
+    # `latest` deleted: the newest intact step folder, never a silent restart from step 0
+    (ckpt / "latest").unlink()
+    cont = run(args[:-4] + ["train.max_steps=5", "train.eval_interval=0", "checkpoint.interval=0",
+                            "sample.after_train=false"])
+    assert cont.returncode == 0 and "latest is missing" in cont.stdout and "at step 4" in cont.stdout, cont.stderr
+    # nothing intact: one error line naming the damage, nothing written
+    for step_dir in ckpt.glob("step_0000000[245]"):
+        flip_middle_bytes(step_dir / "model_tp00_pp00.pt")
     before = sorted(p.name for p in ckpt.iterdir())
     bad = run(args[:-4] + ["train.max_steps=8", "train.eval_interval=0", "sample.after_train=false"])
     assert bad.returncode == 2
-    assert "truncated" in bad.stderr.strip().splitlines()[-1]
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no intact checkpoint in") and "step_00000005: " in last and "sha256" in last
     assert sorted(p.name for p in ckpt.iterdir()) == before
     # a mismatched model shape is refused too
     mism = run(tiny_args(tmp_path, data_cache, "model.block_size=8", "train.max_steps=8", "sample.after_train=false",
-                         "--resume", str(ckpt / "step_00000004")))
+                         "--resume", str(ckpt / "step_00000002")))
     assert mism.returncode == 2 and "block_size" in mism.stderr
+
+
+def test_disk_full_and_unwritable_checkpoint_dir(tmp_path, data_cache):
+    """A save that hits ENOSPC on a real (tmpfs) filesystem: one error line naming the intact step, the partial folder
+    removed, non-zero exit. A checkpoint.dir that is a file is refused at start (exit 2, before any training)."""
+    from tests.test_checkpoint_integrity import tmpfs
+
+    with tmpfs(tmp_path / "small", "size=70m") as small:  # one checkpoint of this model (~48 MB) fits, two do not
+        args = tiny_args(tmp_path, data_cache, "train.max_steps=4", "train.eval_interval=0", "checkpoint.interval=2",
+                         "sample.after_train=false", f"checkpoint.dir={small}")
+        full = run(args)
+        assert full.returncode == 3, full.stderr[-2000:]
+        assert full.stderr.strip().splitlines()[-1] == (f"error: no space left on device while saving step 4 to "
+                                                        f"{small}; step 2 is intact")
+        assert sorted(p.name for p in small.iterdir()) == ["latest", "step_00000002"]
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=2", f"checkpoint.dir={blocker}"))
+    assert proc.returncode == 2 and "step 1/" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: checkpoint.dir {blocker} exists and is not a directory; "
+                                                    f"point checkpoint.dir at a folder")
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], ["parallel.zero_stage=1"]],

@@ -71,6 +71,99 @@ def global_grad_norm(model: torch.nn.Module) -> float:
     return float(sq.sqrt())
 
 
+SAFE_MAGNITUDE = 1e30  # far below fp32/bf16 max (3.4e38): rounding and the bf16 cast cannot reach inf from here
+
+
+class UpdateGuard:
+    """Makes sure no applied optimizer step leaves a non-finite parameter or Adam moment, without per-step device work.
+
+    Fast path (every normal step): a host-side bound, exact in real arithmetic with a 1e8 margin for rounding. For
+    AdamW with finite inputs, |m'| <= max(|m|, |g|), v' <= max(v, g^2), |m'/(sqrt(v'/bc2)+eps)| <= |m'|/eps and
+    |p'| <= |p| * |1 - lr*wd| + lr * |m'| / ((1 - beta1) * eps). |g| is at most the step's global grad norm after
+    clipping (known before the step). The running maxima P, M, V are measured once (start, load, after a refused
+    step: one fused inf-norm over parameters, fp32 masters and moments, one all-reduce) and then advanced on the host.
+    While every bound stays below SAFE_MAGNITUDE the update cannot overflow, and the step is applied as usual.
+
+    Exact path (only when the bound cannot prove it, e.g. optim.lr=1e37, or ZeRO without clipping, whose norm is
+    known only inside DeepSpeed's step): copy every tensor the step mutates (module parameters, the optimizer's
+    fp32 masters and state), step, measure (one all-reduce), and if anything is non-finite, or so large
+    (>= SAFE_MAGNITUDE) that the next forward pass would overflow, on any rank, copy everything back and drop state the
+    step created: the step is not applied, bit for bit, on every rank."""
+
+    def __init__(self, engine, zero_stage: int, grad_clip: float):
+        self.engine, self.zero_stage, self.grad_clip = engine, zero_stage, grad_clip
+        self.bounds: tuple[float, float, float] | None = None  # (P, M, V); None: measure before the next step
+        self.exact_steps = 0
+
+    def _inner(self) -> torch.optim.Optimizer:
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO/bf16 wrappers hold the torch AdamW
+
+    def _tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(parameters incl. fp32 masters, exp_avg, exp_avg_sq, other state tensors) of this rank, deduplicated."""
+        inner, seen, params = self._inner(), set(), []
+        for t in [*self.engine.module.parameters(), *(q for g in inner.param_groups for q in g["params"])]:
+            if id(t) not in seen and t.numel():  # (ZeRO-3 leaves empty placeholders in the module)
+                seen.add(id(t))
+                params.append(t.data)
+        m, v, other = [], [], []
+        for st in inner.state.values():
+            for key, t in st.items():
+                if torch.is_tensor(t):
+                    (m if key == "exp_avg" else v if key == "exp_avg_sq" else other).append(t)
+        return params, m, v, other
+
+    def measure(self) -> tuple[float, float, float]:
+        """Global max |.| of parameters, exp_avg, exp_avg_sq (inf if any is non-finite): one all-reduce."""
+        params, m, v, _ = self._tensors()
+        device = params[0].device
+        vals = torch.stack([torch.stack(torch._foreach_norm(group, float("inf"))).float().max() if group
+                            else torch.zeros((), device=device) for group in (params, m, v)])
+        vals = torch.nan_to_num(vals, nan=float("inf"))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vals, op=dist.ReduceOp.MAX)
+        return tuple(float(x) for x in vals.tolist())
+
+    def _next_bounds(self, grad_bound: float | None) -> tuple[float, float, float] | None:
+        """The bounds after this step if they prove it finite, else None."""
+        if self.bounds is None:
+            self.bounds = self.measure()
+        group = self._inner().param_groups[0]
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if grad_bound is None or eps <= 0 or not math.isfinite(lr):
+            return None
+        p, m, v = self.bounds
+        m, v = max(m, grad_bound), max(v, grad_bound * grad_bound)
+        ratio = m / ((1 - beta1) * eps)  # bound of |m_hat / (sqrt(v_hat) + eps)|
+        p = p * abs(1 - lr * wd) + lr * ratio
+        ok = all(math.isfinite(x) and x < SAFE_MAGNITUDE for x in (p, ratio, v / (1 - beta2)))
+        return (p, m, v) if ok else None
+
+    def step(self, step_fn, grad_bound: float | None) -> bool:
+        """Run ``step_fn`` (the optimizer step); returns False if it was refused (nothing changed)."""
+        nxt = self._next_bounds(grad_bound)
+        if nxt is not None:
+            step_fn()
+            self.bounds = nxt
+            return True
+        self.exact_steps += 1
+        params, m, v, other = self._tensors()
+        tensors = params + m + v + other
+        backup = [t.clone() for t in tensors]
+        state_before = set(self._inner().state)
+        step_fn()
+        measured = self.measure()
+        if all(x < SAFE_MAGNITUDE for x in measured):  # (inf and NaN fail too: measure() maps NaN to inf)
+            self.bounds = measured
+            return True
+        torch._foreach_copy_(tensors, backup)
+        inner = self._inner()
+        for key in [k for k in inner.state if k not in state_before]:
+            del inner.state[key]  # moments the refused step created (first step): as if it never ran
+        self.bounds = None
+        return False
+
+
 def deepspeed_config(cfg: Config, ctx: ParallelContext, dp: int, micro_batches: int, bf16: bool) -> dict:
     t, o = cfg.train, cfg.optim
     gas = micro_batches if ctx.pp == 1 else 1
@@ -118,6 +211,7 @@ class DeepSpeedEngine:
         self.reduce_gradients = not (dp == 1 and self.zero_stage == 0)
         if not self.reduce_gradients:
             self.engine.enable_backward_allreduce = False
+        self.guard = UpdateGuard(self.engine, self.zero_stage, self.grad_clip)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -136,7 +230,8 @@ class DeepSpeedEngine:
 
     def step(self) -> tuple[float, bool]:
         """Apply the step after all micro-batches. Returns (global grad norm, applied). A non-finite gradient skips
-        the update: ZeRO>=1 does that itself; for stage 0 the gradients are dropped before the optimizer sees them."""
+        the update: ZeRO>=1 does that itself; for stage 0 the gradients are dropped before the optimizer sees them.
+        An update that would leave a non-finite parameter or moment is not applied either (:class:`UpdateGuard`)."""
         if self.pipeline and self.reduce_gradients:
             self.engine.allreduce_gradients()
         if self.zero_stage == 0:
@@ -148,12 +243,12 @@ class DeepSpeedEngine:
             if self.grad_clip > 0 and norm > self.grad_clip:
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 torch._foreach_mul_(grads, self.grad_clip / (norm + 1e-6))
-            self.engine.step()
-            return norm, True
-        self.engine.step()
+            return norm, self.guard.step(self.engine.step, min(norm, self.grad_clip) if self.grad_clip > 0 else norm)
+        # ZeRO clips inside its step to at most grad_clip; without clipping the norm is unknown before the step
+        applied = self.guard.step(self.engine.step, self.grad_clip if self.grad_clip > 0 else None)
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return norm, math.isfinite(norm)
+        return norm, applied and math.isfinite(norm)
 
     # --------------------------------------------------------------- checkpoint state (this rank's shard)
     def state_dict(self) -> dict:
@@ -170,3 +265,4 @@ class DeepSpeedEngine:
             self.engine.optimizer.load_state_dict(state["optimizer"])
         self.engine.global_steps = state["global_steps"]
         self.engine.global_samples = state["global_samples"]
+        self.guard.bounds = None  # new parameters and moments: measure before the next step

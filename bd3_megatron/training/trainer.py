@@ -6,6 +6,7 @@ import math
 import signal
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,6 +88,8 @@ class Trainer:
 
         self.cfg, self.ctx = cfg, ctx
         self.dp = validate_layout(cfg, ctx.world_size)
+        if cfg.checkpoint.dir:  # a read-only or non-directory checkpoint.dir fails now, not at the first save
+            ckpt.check_dir_writable(cfg.checkpoint.dir)
         t = cfg.train
         self.micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.device = ctx.runtime.device
@@ -106,6 +109,11 @@ class Trainer:
         self.batches = BatchMaker(cfg, self.tokenizer.mask_token_id, self.device)
         self.layout = ckpt.Layout(ctx.tp, ctx.pp, self.dp, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.rank)
         self.step = 0
+        # checkpoints this run wrote or verified on load (pruning deletes only behind them), the step resumed from,
+        # and the newest step known to be intact (named when a save fails)
+        self.verified: set[str] = set()
+        self.resumed_step: int | None = None
+        self.intact_step: int | None = None
         self.bad_steps = 0
         self.skipped_steps = 0
         # gradient-variance probe: the final LayerNorm weight's gradient of each micro-batch (a small tensor every
@@ -336,26 +344,39 @@ class Trainer:
         return state
 
     def save(self) -> None:
+        """Checkpoint the current step (collective). Refuses to publish non-finite weights or EMA (every rank checks
+        its shard; all agree), and turns a failed write into TrainingStopped naming the intact step."""
         c = self.cfg.checkpoint
         if c.dir is None:
             return
+        model_state = self._model_state()
+        bad = [f"{name} on rank {rank}" for rank, names in enumerate(ckpt.all_ranks(ckpt.non_finite(model_state)))
+               for name in names[:2]]
+        if bad:
+            intact = f"step {self.intact_step} is intact" if self.intact_step is not None else "no checkpoint exists"
+            raise TrainingStopped(f"non-finite weights at step {self.step} ({', '.join(bad[:4])}): checkpoint not "
+                                  f"written; {intact}")
         meta = {"config": self.cfg.to_dict(), "consumed_samples": self.step * self.cfg.train.global_batch_size,
                 "skipped_steps": self.skipped_steps, "data": {"stream": "ShuffledStream", **self.data_info},
                 "tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size,
                 "clip_window": [self.batches.window.eps_min, self.batches.window.eps_max],
                 "mask_token_id": self.tokenizer.mask_token_id}
-        path = ckpt.save_checkpoint(c.dir, self.step, self.layout, model_state=self._model_state(),
-                                    optim_state={"engine": self.engine.state_dict(), "step": self.step},
-                                    metadata=meta, keep=c.keep)
+        try:
+            path = ckpt.save_checkpoint(c.dir, self.step, self.layout, model_state=model_state,
+                                        optim_state={"engine": self.engine.state_dict(), "step": self.step},
+                                        metadata=meta, keep=c.keep, verified=self.verified,
+                                        resumed_step=self.resumed_step, intact_step=self.intact_step)
+        except ckpt.CheckpointSaveError as exc:
+            raise TrainingStopped(str(exc)) from None
+        self.verified.add(path.name)
+        self.intact_step = self.step
         self.logger.info(f"saved checkpoint {path}")
 
-    def maybe_resume(self) -> None:
+    def _read_resume_state(self, path) -> dict:
+        """Everything a same-layout (or resharded) resume needs from ``path``, read into memory and verified (sizes,
+        sha256, finite tensors) before any of it touches the model. Raises CheckpointDamaged for damage and
+        CheckpointError for a checkpoint this run cannot continue (other shapes, layout)."""
         c = self.cfg.checkpoint
-        path = ckpt.resolve_checkpoint(c.resume, c.dir)
-        if path is None:
-            if c.init_from:
-                self.init_from(c.init_from)
-            return
         meta = ckpt.read_metadata(path)
         for note in check_resume(path, meta, self.cfg, self.data_info, self.tokenizer.vocab_size,
                                  self.tokenizer.mask_token_id):
@@ -369,24 +390,62 @@ class Trainer:
                                        f"parallel.zero_stage={zero[1]}: its optimizer state does not load into "
                                        f"another stage; resume with parallel.zero_stage={zero[0]}, or set "
                                        f"checkpoint.reshard=true to load the weights and EMA with a fresh optimizer")
+        state = {"meta": meta, "same_layout": same_layout, "zero": zero}
         if same_layout:
-            mstate = ckpt.load_file(path / self.layout.model_file())
-            weights, ema = mstate["model"], mstate.get("ema")
+            mstate = ckpt.load_file(path / self.layout.model_file(), meta=meta)
+            state.update(weights=mstate["model"], ema=mstate.get("ema"))
+            # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own
+            # (another ZeRO stage's partitions do not load: that resume starts a fresh optimizer)
+            state["optim"] = [] if zero else [
+                ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes(), meta=meta)
+                for r in range(self.dp)]
+            state["rng"] = ckpt.load_file(path / self.layout.rng_file(), meta=meta)
         else:
-            weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
-        self.load_weights(weights, source=path)
+            state["weights"], state["ema"] = ckpt.load_resharded(path, meta, self.named, self.canonical)
+        return state
+
+    def maybe_resume(self) -> None:
+        """Resume from the newest intact checkpoint (see ckpt.resume_candidates): a damaged one (any rank's files)
+        is named in the log and the next older one tried; none intact raises CheckpointError. Ranks agree on each
+        candidate before loading anything, so every rank resumes from the same step."""
+        c = self.cfg.checkpoint
+        candidates, notes = ckpt.resume_candidates(c.resume, c.dir)
+        for note in notes:
+            self.logger.info(f"warning: {note}")
+        if not candidates:
+            if c.init_from:
+                self.init_from(c.init_from)
+            return
+        damage: list[str] = []
+        for path in candidates:
+            try:
+                state, problem = self._read_resume_state(path), None
+            except ckpt.CheckpointDamaged as exc:
+                state, problem = None, str(exc)
+            problems = sorted({p for p in ckpt.all_ranks(problem) if p is not None})
+            if not problems:
+                break
+            damage.append(f"{path.name}: {problems[0]}")
+            self.logger.info(f"warning: checkpoint {path} is damaged and not used: {'; '.join(problems)}")
+        else:
+            where = Path(c.resume) if c.resume != "auto" else Path(c.dir)
+            raise ckpt.CheckpointError(f"no intact checkpoint in {where} ({'; '.join(damage)}); restore one, or set "
+                                       f"checkpoint.resume=none with a new checkpoint.dir to start over")
+        meta, same_layout = state["meta"], state["same_layout"]
+        self.load_weights(state["weights"], source=path)
+        ema = state["ema"]
         if self.ema is not None and ema is not None:
             by_canonical = {self.canonical[n]: n for n in self.named}
             self.ema.load_state_dict({"decay": ema["decay"], "num_updates": ema["num_updates"],
                                       "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()}})
+        zero = state["zero"]
         if same_layout and not zero:
-            # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own
-            ostates = [ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes())
-                       for r in range(self.dp)]
-            self.engine.load_state_dict([o["engine"] for o in ostates])
+            self.engine.load_state_dict([o["engine"] for o in state["optim"]])
         if same_layout:
-            ckpt.set_rng_state(ckpt.load_file(path / self.layout.rng_file()))
+            ckpt.set_rng_state(state["rng"])
         self.step = meta["step"]
+        self.resumed_step = self.intact_step = self.step
+        self.verified.add(path.name)
         self.skipped_steps = meta.get("skipped_steps", 0)
         if "clip_window" in meta and self.cfg.diffusion.clip_search and not self.cfg.diffusion.fix_clipping:
             self.batches.window = ClipWindow(*meta["clip_window"])  # the searched window survives a restart
@@ -404,6 +463,7 @@ class Trainer:
                                        f"(differing: {sorted(set(weights) ^ set(by_canonical))[:4]})")
         for cname, tensor in weights.items():
             self.named[by_canonical[cname]].copy_(tensor)
+        self.engine.guard.bounds = None  # the update bound is re-measured for the new weights
 
     def init_from(self, spec: str) -> None:
         """Start from another run's weights, resharded to this layout; the step and optimizer start fresh.
