@@ -52,7 +52,7 @@ def test_run_lock_in_process(tmp_path):
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert len(logs) == 1 and "stale run lock" in logs[0] and "host node7, pid 4242" in logs[0]
     (tmp_path / "file").write_text("")
-    with pytest.raises(RunLockError, match="must be a writable directory"):
+    with pytest.raises(RunLockError, match="exists and is not a directory; point checkpoint.dir at a folder"):
         RunLock(tmp_path / "file").acquire()
 
 

@@ -6,7 +6,7 @@ Two ways a step runs, chosen by the layout (both proven on CPU/gloo, see DESIGN.
   * pp > 1: megatron-core's pipeline schedule runs forward/backward over all micro-batches on ``engine.module``,
     then ``engine.allreduce_gradients()`` + ``engine.step()`` with ``gradient_accumulation_steps`` = 1; ZeRO-1
     (ZeRO-2's per-micro-batch reduction hooks conflict with a schedule that accumulates on its own).
-The optimizer is a torch AdamW handed to DeepSpeed (fused on CUDA), so no DeepSpeed op is JIT-compiled.
+The optimizer is torch's fused AdamW handed to DeepSpeed (CPU and CUDA), so no DeepSpeed op is JIT-compiled.
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ class DeepSpeedEngine:
         o = cfg.optim
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                      **({"fused": True} if ctx.runtime.is_cuda else {}))
+                                      fused=True)  # one vectorised pass per tensor, CPU and CUDA (~5x the loop on CPU)
         deepspeed.init_distributed(dist_backend=ctx.runtime.backend, auto_mpi_discovery=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx, dp, micro_batches, bf16),

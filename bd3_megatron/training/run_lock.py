@@ -20,6 +20,8 @@ import socket
 import time
 from pathlib import Path
 
+from bd3_megatron.training.checkpoint import CheckpointError, check_dir_writable
+
 LOCK_NAME = ".run.lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -55,11 +57,10 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunLockError(f"checkpoint.dir {self.path.parent} cannot be created ({exc.strerror}); it must be a "
-                               f"writable directory") from None
+        try:  # the one start-up check of checkpoint.dir: a file in the way, a read-only mount, no permission
+            check_dir_writable(self.path.parent)
+        except CheckpointError as exc:
+            raise RunLockError(str(exc)) from None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
