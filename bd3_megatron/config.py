@@ -46,7 +46,7 @@ class ModelConfig:
     # torch.compile each transformer layer: auto = on CUDA, off on CPU, where the compiled step measured no faster
     # (bench/RESULTS.md) and the one-off compile costs ~1-2 min on 2 cores; true | false force it
     compile: bool | str = "auto"
-    ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 64 MiB fp32 logit budget)
+    ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 32 MiB fp32 logit budget)
     # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one
     # t per sequence) and ar (causal next-token prediction; the diffusion settings are unused)
     mode: str = "bd3"

@@ -67,4 +67,4 @@ def test_values_only_without_weights_and_shape_errors():
     assert float(total) == 0.0
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(hidden, weight, torch.tensor([0, 1]), never)
-    assert chunk_tokens_for(32768) == 512 and chunk_tokens_for(50304, 100) == 100
+    assert chunk_tokens_for(32768) == 256 and chunk_tokens_for(50304, 100) == 100

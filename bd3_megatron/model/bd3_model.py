@@ -48,7 +48,7 @@ class BD3Spec:
     attention_backend: str = "auto"  # auto | sdpa | flex
     vocab_multiple: int = 128
     mode: str = "bd3"  # bd3 (x_t ⊕ x0) | mdlm (x_t alone, bidirectional) | ar (x0 alone, causal, next token)
-    ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 64 MiB logit budget)
+    ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 32 MiB logit budget)
     noisy_half_last_layer: bool = True  # bd3: the last layer computes the noisy half only (the head's input)
 
 
