@@ -131,3 +131,39 @@ def test_noisy_half_last_layer_equals_the_full_layer_on_the_noisy_half(mcore):
     out_full.nelbo_sum.backward()
     for (name, p), (_, q) in zip(fast.named_parameters(), full.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recomputed_layers_give_the_same_loss_and_gradients(mcore, dropout):
+    """model.recompute (non-reentrant checkpoint of each layer) changes memory, not math: same loss and every
+    gradient, dropout included (the recomputation replays the same dropout draws)."""
+    x0 = random_tokens(3, 16, seed=5)
+    c = corrupt(x0, torch.arange(3), step=1, seed=8, block_size=4, window=ClipWindow(), mask_token_id=MASK_ID,
+                global_batch_size=3)
+    weight = torch.where(c.masked, 1.0 / c.t_tokens, torch.zeros_like(c.t_tokens))
+    grads, losses = [], []
+    for recompute in (False, True):
+        model = tiny_model(16, 4, recompute=recompute, dropout=dropout).train()
+        torch.manual_seed(123)  # the same dropout draws in both runs
+        out = model(c.xt, x0, c.masked, weight)
+        out.nelbo_sum.backward()
+        losses.append(out.nelbo_sum.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_recomputation_takes_the_flex_block_mask(mcore):
+    """The flex BlockMask passes through the recomputed layers (megatron's CheckpointFunction refused it:
+    save_for_backward takes tensors only). CPU flex has no backward, so the parameters are frozen here: the
+    checkpoint still runs, with the BlockMask among its arguments, and gives the eager CE."""
+    recomputed, plain = tiny_model(128, 8, backend="flex", recompute=True), tiny_model(128, 8, backend="flex")
+    x0 = random_tokens(2, 128, seed=3)
+    c = corrupt(x0, torch.arange(2), step=0, seed=1, block_size=8, window=ClipWindow(), mask_token_id=MASK_ID,
+                global_batch_size=2)
+    for model in (recomputed, plain):
+        model.train().requires_grad_(False)
+    with torch.enable_grad():
+        torch.testing.assert_close(recomputed(c.xt, x0, c.masked).ce, plain(c.xt, x0, c.masked).ce, rtol=1e-5,
+                                   atol=1e-6)

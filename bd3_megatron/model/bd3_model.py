@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -50,6 +51,7 @@ class BD3Spec:
     mode: str = "bd3"  # bd3 (x_t ⊕ x0) | mdlm (x_t alone, bidirectional) | ar (x0 alone, causal, next token)
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 32 MiB logit budget)
     noisy_half_last_layer: bool = True  # bd3: the last layer computes the noisy half only (the head's input)
+    recompute: bool = False  # activation recomputation of every layer in backward (model.recompute)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -59,13 +61,13 @@ def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
 
 
 def bd3_layer_spec(noisy_queries_only: bool = False) -> ModuleSpec:
-    """megatron-core local GPT layer with the BD3 core attention and an arbitrary mask; with
-    ``noisy_queries_only`` the layer class that computes outputs for the noisy half alone (the model's last layer)."""
+    """megatron-core local GPT layer with the BD3 core attention and an arbitrary mask, as a
+    :class:`BD3TransformerLayer`; with ``noisy_queries_only`` the layer class that computes outputs for the noisy
+    half alone (the model's last layer)."""
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     spec.submodules.self_attention.submodules.core_attention = BD3CoreAttention
-    if noisy_queries_only:
-        spec.module = NoisyHalfTransformerLayer
+    spec.module = NoisyHalfTransformerLayer if noisy_queries_only else BD3TransformerLayer
     return spec
 
 
@@ -80,7 +82,23 @@ def bd3_block_spec(config: TransformerConfig, spec: BD3Spec, post_process: bool)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
 
 
-class NoisyHalfTransformerLayer(TransformerLayer):
+class BD3TransformerLayer(TransformerLayer):
+    """megatron-core's TransformerLayer with optional activation recomputation (``recompute``, set by the model).
+
+    Recomputation is torch's non-reentrant checkpoint around the whole layer, not megatron's CheckpointFunction:
+    that one hands its arguments to ``save_for_backward``, which refuses the flex BlockMask the layers receive on
+    CUDA. Dropout draws are replayed (the checkpoint restores the CPU and CUDA RNG states); the BD3 model has no
+    dropout inside tensor-parallel regions, whose RNG tracker megatron's own recompute would also restore."""
+
+    recompute = False
+
+    def forward(self, *args, **kwargs):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class NoisyHalfTransformerLayer(BD3TransformerLayer):
     """A pre-LN transformer layer over x_t ⊕ x [2L, b, h] that returns the noisy half only [L, b, h].
 
     The head reads the last layer's output at noisy positions alone, so the clean half's queries, its output
@@ -178,6 +196,8 @@ class BD3Model(MegatronModule):
                                                     max_sequence_length=spec.seq_len, position_embedding_type="rope")
         self.decoder = TransformerBlock(config=config, spec=bd3_block_spec(config, spec, post_process),
                                         pre_process=pre_process, post_process=post_process)
+        for layer in self.decoder.layers:
+            layer.recompute = spec.recompute
         if post_process:
             self.output_layer = SUBSOutputLayer(config, self.padded_vocab, spec)
         self._masks: dict[tuple, Any] = {}
@@ -367,8 +387,7 @@ def init_parameters(model: BD3Model, seed: int) -> None:
 
 def build_transformer_config(*, num_layers: int, hidden_size: int, num_heads: int, ffn_hidden_size: int | None,
                              dropout: float, tp: int, pp: int, params_dtype=torch.float32,
-                             pipeline_dtype=torch.float32, use_cpu_initialization: bool = True,
-                             recompute: bool = False) -> TransformerConfig:
+                             pipeline_dtype=torch.float32, use_cpu_initialization: bool = True) -> TransformerConfig:
     """megatron-core TransformerConfig for the BD3 model: pre-LN, GELU(tanh) MLP, no linear biases, no fusions
     that need apex/TE (so CPU and GPU run the same math)."""
     return TransformerConfig(
@@ -379,7 +398,5 @@ def build_transformer_config(*, num_layers: int, hidden_size: int, num_heads: in
         params_dtype=params_dtype, pipeline_dtype=pipeline_dtype, use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, sequence_parallel=False,
-        recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        gradient_accumulation_fusion=False, sequence_parallel=False,  # recomputation: BD3TransformerLayer
     )
