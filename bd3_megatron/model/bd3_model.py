@@ -158,8 +158,7 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
         self.vocab_start = part * parallel_state.get_tensor_model_parallel_rank()
         ids = torch.arange(part) + self.vocab_start
         never = (ids == spec.mask_token_id) | (ids >= spec.vocab_size)
-        self.register_buffer("never_predict", never, persistent=False)  # [V/tp] bool, for the logits
-        self.register_buffer("never_predict_ids", never.nonzero().flatten(), persistent=False)  # [K], for the CE
+        self.register_buffer("never_predict", never.nonzero().flatten(), persistent=False)  # [K] local column ids
         self.chunk_tokens = spec.ce_chunk_tokens
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
 
@@ -167,9 +166,9 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
                 loss_weight: torch.Tensor | None = None):
         if labels is None:
             logits, _ = super().forward(hidden)
-            return logits.float().masked_fill(self.never_predict, float("-inf"))
+            return logits.float().index_fill(-1, self.never_predict, float("-inf"))
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # gradient all-reduced over TP
-        ce, nelbo_sum = linear_cross_entropy(hidden, self.weight, labels, self.never_predict_ids,
+        ce, nelbo_sum = linear_cross_entropy(hidden, self.weight, labels, self.never_predict,
                                              loss_weight=loss_weight, vocab_start=self.vocab_start,
                                              chunk_tokens=self.chunk_tokens, group=self.tp_group)
         return HeadOutput(ce, nelbo_sum)
