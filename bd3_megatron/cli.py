@@ -1,5 +1,6 @@
 """Shared command-line behaviour: quiet third-party start-up noise so a CLI's own lines (and its one-line errors)
 are what the user reads."""
+
 from __future__ import annotations
 
 import logging

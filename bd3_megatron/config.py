@@ -4,6 +4,7 @@ A run's configuration is a YAML file plus dotted command-line overrides (``model
 with ``yaml.safe_load`` (never evaluated), checked against the dataclass field types, and cross-checked
 (divisibility, parallel layout) before any heavy work starts. Unknown keys are errors with a suggestion.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -234,8 +235,10 @@ def _type_name(tp: Any) -> str:
 
 
 # keys that changed meaning, not only name: the old value cannot be carried over silently
-RENAMED = {"train.eval_batches": "train.eval_rows (validation rows, not micro-batches: eval_batches x micro_batch)",
-           "diffusion.clip_search_batches": "diffusion.clip_search_rows (validation rows, not micro-batches)"}
+RENAMED = {
+    "train.eval_batches": "train.eval_rows (validation rows, not micro-batches: eval_batches x micro_batch)",
+    "diffusion.clip_search_batches": "diffusion.clip_search_rows (validation rows, not micro-batches)",
+}
 
 
 def _build_section(cls, values: dict[str, Any], prefix: str):
@@ -281,7 +284,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     if raw is None:
         raise ConfigError("config file must hold a mapping of sections (model:, train:, ...)")
     sections = _sections()
-    for name, body in raw.items():
+    for name in raw:
         if name not in sections:
             close = difflib.get_close_matches(name, list(sections), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; sections: {', '.join(sections)}"
@@ -335,8 +338,10 @@ def _require_finite(cfg: Config) -> None:
         for f in dataclasses.fields(body):
             value = getattr(body, f.name)
             items = value if isinstance(value, list) else [value]
-            _require(not any(isinstance(x, float) and not math.isfinite(x) for x in items),
-                     f"{section.name}.{f.name} must be a finite number, got {value!r}")
+            _require(
+                not any(isinstance(x, float) and not math.isfinite(x) for x in items),
+                f"{section.name}.{f.name} must be a finite number, got {value!r}",
+            )
 
 
 def validate(cfg: Config) -> None:
@@ -345,55 +350,79 @@ def validate(cfg: Config) -> None:
     m, d, t, o, p = cfg.model, cfg.diffusion, cfg.train, cfg.optim, cfg.parallel
     for key in ("num_layers", "hidden_size", "num_heads", "seq_len", "block_size"):
         _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
-    _require(m.ffn_hidden_size is None or m.ffn_hidden_size >= 1,
-             f"model.ffn_hidden_size must be >= 1 (or null for 4 x hidden_size), got {m.ffn_hidden_size}")
-    _require(m.seq_len % m.block_size == 0,
-             f"model.seq_len ({m.seq_len}) must be divisible by model.block_size ({m.block_size})")
-    _require(m.hidden_size % m.num_heads == 0,
-             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    _require(
+        m.ffn_hidden_size is None or m.ffn_hidden_size >= 1,
+        f"model.ffn_hidden_size must be >= 1 (or null for 4 x hidden_size), got {m.ffn_hidden_size}",
+    )
+    _require(
+        m.seq_len % m.block_size == 0,
+        f"model.seq_len ({m.seq_len}) must be divisible by model.block_size ({m.block_size})",
+    )
+    _require(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})",
+    )
     _require((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size / model.num_heads must be even (RoPE)")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _require(m.compile in (True, False, "auto"),
-             f"model.compile must be auto|true|false, got {m.compile!r}")
-    _require(isinstance(m.ce_chunk_tokens, int) and m.ce_chunk_tokens >= 0,
-             f"model.ce_chunk_tokens must be an integer >= 0 (0 = automatic), got {m.ce_chunk_tokens!r}")
-    _require(m.attention_backend in ("auto", "sdpa", "flex"),
-             f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}")
+    _require(m.compile in (True, False, "auto"), f"model.compile must be auto|true|false, got {m.compile!r}")
+    _require(
+        isinstance(m.ce_chunk_tokens, int) and m.ce_chunk_tokens >= 0,
+        f"model.ce_chunk_tokens must be an integer >= 0 (0 = automatic), got {m.ce_chunk_tokens!r}",
+    )
+    _require(
+        m.attention_backend in ("auto", "sdpa", "flex"),
+        f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}",
+    )
     _require(m.mode in ("bd3", "mdlm", "ar"), f"model.mode must be bd3|mdlm|ar, got {m.mode!r}")
-    _require(m.mode != "mdlm" or m.block_size == m.seq_len,
-             f"model.mode=mdlm needs model.block_size = model.seq_len ({m.seq_len}), got {m.block_size}")
+    _require(
+        m.mode != "mdlm" or m.block_size == m.seq_len,
+        f"model.mode=mdlm needs model.block_size = model.seq_len ({m.seq_len}), got {m.block_size}",
+    )
     _require(m.mode != "ar" or not d.clip_search, "diffusion.clip_search has no meaning for model.mode=ar")
     _require(d.schedule == "loglinear", f"diffusion.schedule must be 'loglinear', got {d.schedule!r}")
-    _require(0.0 < d.eps_min <= d.eps_max <= 1.0,
-             f"diffusion window needs 0 < eps_min <= eps_max <= 1, got [{d.eps_min}, {d.eps_max}]")
+    _require(
+        0.0 < d.eps_min <= d.eps_max <= 1.0,
+        f"diffusion window needs 0 < eps_min <= eps_max <= 1, got [{d.eps_min}, {d.eps_max}]",
+    )
     _require(d.resample_tries >= 1, "diffusion.resample_tries must be >= 1")
-    _require(d.clip_search_delta > 0 and d.clip_search_rows >= 0,
-             "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_rows >= 0")
+    _require(
+        d.clip_search_delta > 0 and d.clip_search_rows >= 0,
+        "diffusion.clip_search_delta must be > 0 and diffusion.clip_search_rows >= 0",
+    )
     _require(all(0 < w <= 1 for w in d.clip_search_widths), "diffusion.clip_search_widths must lie in (0, 1]")
     _require(not d.clip_search or d.clip_search_widths, "diffusion.clip_search needs diffusion.clip_search_widths")
     _require(d.clip_search_interval >= 0, "diffusion.clip_search_interval must be >= 0")
-    _require(not (d.clip_search and d.clip_search_interval and t.eval_interval
-                  and d.clip_search_interval % t.eval_interval),
-             f"diffusion.clip_search_interval ({d.clip_search_interval}) must be a multiple of train.eval_interval "
-             f"({t.eval_interval}): the search runs at evaluations")
+    _require(
+        not (d.clip_search and d.clip_search_interval and t.eval_interval and d.clip_search_interval % t.eval_interval),
+        f"diffusion.clip_search_interval ({d.clip_search_interval}) must be a multiple of train.eval_interval "
+        f"({t.eval_interval}): the search runs at evaluations",
+    )
     if d.resample:
         from bd3_megatron.diffusion.noise import window_feasible
         from bd3_megatron.diffusion.schedule import ClipWindow
 
-        _require(window_feasible(ClipWindow(d.eps_min, d.eps_max), m.block_size),
-                 f"diffusion window [{d.eps_min}, {d.eps_max}] admits no masked-token count for block_size "
-                 f"{m.block_size}; widen the window or set diffusion.resample=false")
-    _require(cfg.data.val_docs >= 1, f"data.val_docs must be >= 1 (documents held out for validation), got "
-                                     f"{cfg.data.val_docs}")
+        _require(
+            window_feasible(ClipWindow(d.eps_min, d.eps_max), m.block_size),
+            f"diffusion window [{d.eps_min}, {d.eps_max}] admits no masked-token count for block_size "
+            f"{m.block_size}; widen the window or set diffusion.resample=false",
+        )
+    _require(
+        cfg.data.val_docs >= 1,
+        f"data.val_docs must be >= 1 (documents held out for validation), got {cfg.data.val_docs}",
+    )
     _require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _require(t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}")
-    _require(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1 (consecutive non-finite steps tolerated), "
-                                   f"got {t.max_bad_steps}")
-    _require(t.global_batch_size % t.micro_batch_size == 0,
-             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
-             f"({t.micro_batch_size})")
+    _require(
+        t.max_bad_steps >= 1,
+        f"train.max_bad_steps must be >= 1 (consecutive non-finite steps tolerated), got {t.max_bad_steps}",
+    )
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+        f"({t.micro_batch_size})",
+    )
     _require(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}")
     _require(t.eval_interval >= 0 and t.eval_rows >= 0, "train.eval_interval and train.eval_rows must be >= 0")
     _require(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a finite number > 0, got {o.lr}")
@@ -410,38 +439,55 @@ def validate(cfg: Config) -> None:
     _require(m.num_heads % p.tp == 0, f"model.num_heads ({m.num_heads}) must be divisible by parallel.tp ({p.tp})")
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     _require(ffn % p.tp == 0, f"the MLP width ({ffn}) must be divisible by parallel.tp ({p.tp})")
-    _require(m.num_layers % p.pp == 0,
-             f"model.num_layers ({m.num_layers}) must be divisible by parallel.pp ({p.pp})")
-    _require(not (p.pp > 1 and p.zero_stage > 1),
-             f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); use 0 or 1")
+    _require(m.num_layers % p.pp == 0, f"model.num_layers ({m.num_layers}) must be divisible by parallel.pp ({p.pp})")
+    _require(
+        not (p.pp > 1 and p.zero_stage > 1),
+        f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); use 0 or 1",
+    )
     _require(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep >= 0, "checkpoint.interval/keep must be >= 0")
-    _require(cfg.checkpoint.init_from_weights in ("ema", "raw"),
-             f"checkpoint.init_from_weights must be ema|raw, got {cfg.checkpoint.init_from_weights!r}")
+    _require(
+        cfg.checkpoint.init_from_weights in ("ema", "raw"),
+        f"checkpoint.init_from_weights must be ema|raw, got {cfg.checkpoint.init_from_weights!r}",
+    )
     for key in cfg.checkpoint.allow_changes:
-        _require(key in ALLOWED_CHANGES, f"checkpoint.allow_changes: {key!r} cannot be allowed; the settings that "
-                                         f"may change on resume are {', '.join(ALLOWED_CHANGES)}")
-    _require(cfg.log.variance_warn_factor >= 0, f"log.variance_warn_factor must be >= 0 (0: off), got "
-                                                f"{cfg.log.variance_warn_factor}")
+        _require(
+            key in ALLOWED_CHANGES,
+            f"checkpoint.allow_changes: {key!r} cannot be allowed; the settings that "
+            f"may change on resume are {', '.join(ALLOWED_CHANGES)}",
+        )
+    _require(
+        cfg.log.variance_warn_factor >= 0,
+        f"log.variance_warn_factor must be >= 0 (0: off), got {cfg.log.variance_warn_factor}",
+    )
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
-    _require(cfg.log.wandb_mode in ("offline", "online"), f"log.wandb_mode must be offline|online, got {cfg.log.wandb_mode!r}")
+    _require(
+        cfg.log.wandb_mode in ("offline", "online"),
+        f"log.wandb_mode must be offline|online, got {cfg.log.wandb_mode!r}",
+    )
     s = cfg.sample
     _require(s.num_samples >= 0 and s.steps >= 1, "sample.num_samples must be >= 0 and sample.steps >= 1")
     _require(s.seed >= 0, f"sample.seed must be >= 0, got {s.seed}")
     _require(0.0 < s.nucleus_p <= 1.0, f"sample.nucleus_p must be in (0, 1], got {s.nucleus_p}")
     if s.length is not None:
-        _require(s.length >= 1 and s.length % m.block_size == 0,
-                 f"sample.length ({s.length}) must be a positive multiple of model.block_size ({m.block_size})")
+        _require(
+            s.length >= 1 and s.length % m.block_size == 0,
+            f"sample.length ({s.length}) must be a positive multiple of model.block_size ({m.block_size})",
+        )
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:
     """Checks that need the number of processes; returns the data-parallel size."""
     mp = cfg.parallel.tp * cfg.parallel.pp
-    _require(world_size % mp == 0,
-             f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {mp}; launch a multiple of {mp} "
-             f"processes")
+    _require(
+        world_size % mp == 0,
+        f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {mp}; launch a multiple of {mp} "
+        f"processes",
+    )
     dp = world_size // mp
     per_step = cfg.train.micro_batch_size * dp
-    _require(cfg.train.global_batch_size % per_step == 0,
-             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
-             f"data-parallel size ({cfg.train.micro_batch_size} x {dp} = {per_step})")
+    _require(
+        cfg.train.global_batch_size % per_step == 0,
+        f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
+        f"data-parallel size ({cfg.train.micro_batch_size} x {dp} = {per_step})",
+    )
     return dp

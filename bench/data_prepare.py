@@ -31,24 +31,36 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import streaming  # noqa: E402,F401  imported up front: its ~2 s import would land in the first timed prepare
+
 from data_pipeline.dataset import ShuffledStream  # noqa: E402
 from data_pipeline.prepare import PrepareSettings, prepare  # noqa: E402
 from data_pipeline.readers import StreamingReader, open_rows  # noqa: E402
-
-import streaming  # noqa: E402,F401  imported up front: its ~2 s import would land in the first timed prepare
 
 GPUS = 128
 TOKENS_PER_GPU = 90_000
 
 
 def _prep(args: argparse.Namespace, out: Path, fmt: str, workers: int) -> dict:
-    manifest = prepare(PrepareSettings(input=args.input, output=str(out), format=fmt, tokenizer=args.tokenizer,
-                                       seq_len=args.seq_len, val_docs=args.val_docs, workers=workers,
-                                       progress=False, overwrite=True))
+    manifest = prepare(
+        PrepareSettings(
+            input=args.input,
+            output=str(out),
+            format=fmt,
+            tokenizer=args.tokenizer,
+            seq_len=args.seq_len,
+            val_docs=args.val_docs,
+            workers=workers,
+            progress=False,
+            overwrite=True,
+        )
+    )
     b = manifest["build"]
     tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
-    print(f"prepare {fmt:3s} workers={workers}: {tokens:,} tokens in {b['seconds']:.2f} s = "
-          f"{b['tokens_per_second']:,.0f} tokens/s")
+    print(
+        f"prepare {fmt:3s} workers={workers}: {tokens:,} tokens in {b['seconds']:.2f} s = "
+        f"{b['tokens_per_second']:,.0f} tokens/s"
+    )
     return manifest
 
 
@@ -65,8 +77,10 @@ def _timed(fn, seconds: float) -> tuple[int, float]:
 def _report(name: str, samples: int, elapsed: float, seq_len: int) -> float:
     rate = samples / elapsed
     per_gpu = TOKENS_PER_GPU / seq_len
-    print(f"read {name:34s}: {rate:10,.0f} samples/s = {rate * seq_len / 1e6:7.2f} M tokens/s; "
-          f"one process feeds {rate / per_gpu:6.1f} GPUs at {TOKENS_PER_GPU // 1000}K tokens/s")
+    print(
+        f"read {name:34s}: {rate:10,.0f} samples/s = {rate * seq_len / 1e6:7.2f} M tokens/s; "
+        f"one process feeds {rate / per_gpu:6.1f} GPUs at {TOKENS_PER_GPU // 1000}K tokens/s"
+    )
     return rate
 
 
@@ -81,8 +95,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="preparation runs per worker count")
     args = p.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"# {platform.node()} | {os.cpu_count()} CPUs | load average {load} | python {platform.python_version()} | "
-          f"input {args.input} | {args.tokenizer} L={args.seq_len}")
+    print(
+        f"# {platform.node()} | {os.cpu_count()} CPUs | load average {load} | python {platform.python_version()} | "
+        f"input {args.input} | {args.tokenizer} L={args.seq_len}"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
@@ -92,9 +108,11 @@ def main() -> None:
                 m = _prep(args, work / f"mds{workers}", "mds", workers)
                 rates[workers] = max(rates.get(workers, 0.0), m["build"]["tokens_per_second"])
         _prep(args, work / "wds", "wds", 2)
-        print(f"prepare best of {args.repeats}: 1 worker {rates[1]:,.0f} tokens/s, 2 workers {rates[2]:,.0f} "
-              f"tokens/s ({rates[2] / rates[1]:.2f}x); 9B tokens (OpenWebText's size) at the better rate: "
-              f"{9e9 / max(rates.values()) / 3600:.1f} h on this box")
+        print(
+            f"prepare best of {args.repeats}: 1 worker {rates[1]:,.0f} tokens/s, 2 workers {rates[2]:,.0f} "
+            f"tokens/s ({rates[2] / rates[1]:.2f}x); 9B tokens (OpenWebText's size) at the better rate: "
+            f"{9e9 / max(rates.values()) / 3600:.1f} h on this box"
+        )
 
         L, B = args.seq_len, args.batch
         rng = np.random.default_rng(0)
@@ -103,13 +121,14 @@ def main() -> None:
             stream = ShuffledStream(open_rows(str(folder), "train", args.tokenizer, L), seed=1)
             start = [0]
 
-            def read() -> None:
+            def read(stream=stream, start=start) -> None:  # bound now: called within this iteration
                 stream.get(np.arange(start[0], start[0] + B))
                 start[0] += B
 
             calls, elapsed = _timed(read, args.seconds)
-            results[f"global-index {fmt} memmap"] = _report(f"global-index {fmt} (memmap, batch {B})",
-                                                            calls * B, elapsed, L)
+            results[f"global-index {fmt} memmap"] = _report(
+                f"global-index {fmt} (memmap, batch {B})", calls * B, elapsed, L
+            )
 
         from streaming import StreamingDataset
         from streaming.base.util import clean_stale_shared_memory
@@ -118,26 +137,37 @@ def main() -> None:
         ds = StreamingDataset(local=str(work / "mds2"), split="train", batch_size=B)
         n = ds.num_samples
 
-        def getitem() -> None:
+        def getitem(ds=ds) -> None:
             for i in rng.integers(0, n, B):
                 ds[int(i)]
 
         calls, elapsed = _timed(getitem, args.seconds)
         results["StreamingDataset ds[i]"] = _report("StreamingDataset ds[i] (random)", calls * B, elapsed, L)
-        del ds
+        del ds, getitem  # release the dataset's shared memory before the next reader
 
-        reader = StreamingReader(str(work / "mds2"), "train", local=str(work / "cache"),
-                                 expect_tokenizer=args.tokenizer, expect_seq_len=L, global_batch_size=B, seed=1)
+        reader = StreamingReader(
+            str(work / "mds2"),
+            "train",
+            local=str(work / "cache"),
+            expect_tokenizer=args.tokenizer,
+            expect_seq_len=L,
+            global_batch_size=B,
+            seed=1,
+        )
         calls, elapsed = _timed(reader.next_batch, args.seconds)
         reader.close()
         results["StreamingReader"] = _report(f"StreamingReader.next_batch ({B})", calls * B, elapsed, L)
 
         need = GPUS * TOKENS_PER_GPU / L
-        print(f"128 GPUs x {TOKENS_PER_GPU:,} tokens/s at L={L} need {need:,.0f} samples/s "
-              f"({need / GPUS:,.0f} per GPU rank); reader processes needed at the measured rates:")
+        print(
+            f"128 GPUs x {TOKENS_PER_GPU:,} tokens/s at L={L} need {need:,.0f} samples/s "
+            f"({need / GPUS:,.0f} per GPU rank); reader processes needed at the measured rates:"
+        )
         for name, rate in results.items():
-            print(f"  {name:28s}: {int(np.ceil(need / rate)):4d} in total, "
-                  f"{need / GPUS / rate * 100:6.2f}% of one core per GPU rank")
+            print(
+                f"  {name:28s}: {int(np.ceil(need / rate)):4d} in total, "
+                f"{need / GPUS / rate * 100:6.2f}% of one core per GPU rank"
+            )
         print(json.dumps({"prepare_tokens_per_s": rates, "read_samples_per_s": results}))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -21,6 +21,7 @@ Blocks and head run under ``autocast(dtype)`` when a lower precision is asked (t
 Initialisation is not the reference's (it zero-inits adaLN and the head, which would make the loss trivially
 log V): all weights here are N(0, 0.02), which changes no shape and no cost.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,8 +106,9 @@ class Block(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # [b, h, 2L, d]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
         x = x + gate_msa * F.dropout(self.attn_out(a), self.dropout, self.training)
-        return x + gate_mlp * F.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), self.dropout,
-                                        self.training)
+        return x + gate_mlp * F.dropout(
+            self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)), self.dropout, self.training
+        )
 
 
 class ReferenceBD3(nn.Module):
@@ -116,9 +118,19 @@ class ReferenceBD3(nn.Module):
     per token. Errors: ValueError when L is not the configured seq_len or shapes disagree.
     """
 
-    def __init__(self, vocab_size: int, mask_token_id: int, num_layers: int, hidden_size: int, num_heads: int,
-                 seq_len: int, block_size: int, cond_dim: int = 128, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        vocab_size: int,
+        mask_token_id: int,
+        num_layers: int,
+        hidden_size: int,
+        num_heads: int,
+        seq_len: int,
+        block_size: int,
+        cond_dim: int = 128,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even width")
@@ -180,8 +192,17 @@ class ReferenceBD3(nn.Module):
         return ((-1.0 / t_tokens) * log_p).mean()  # loss_scale = -1/t (log-linear), averaged over all tokens
 
 
-def random_batch(gen: torch.Generator, batch: int, seq_len: int, block_size: int, vocab_size: int,
-                 mask_token_id: int, eps_min: float = 1e-3, eps_max: float = 1.0, device="cpu"):
+def random_batch(
+    gen: torch.Generator,
+    batch: int,
+    seq_len: int,
+    block_size: int,
+    vocab_size: int,
+    mask_token_id: int,
+    eps_min: float = 1e-3,
+    eps_max: float = 1.0,
+    device="cpu",
+):
     """(xt, x0, t_tokens) drawn with torch's generator: one t per (sequence, block) uniform in [eps_min, eps_max],
     each token masked with probability t. Tokens avoid the mask id."""
     x0 = torch.randint(0, vocab_size - 1, (batch, seq_len), generator=gen)

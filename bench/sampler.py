@@ -9,6 +9,7 @@ draw falls within fp32 round-off of a CDF boundary). tokens/s counts generated t
 wall time (batch included); NFE is the mean number of forward passes a sample needed; calls counts batched network
 calls. Not a test: it prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,22 +60,38 @@ def load_net(args) -> tuple[torch.nn.Module, str]:
         net = build_net(ck.config, ck.state, device=args.device)
         desc = f"{args.checkpoint} (step {ck.source.get('step')}, {ck.source.get('weights')})"
     else:
-        cfg = NetConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
-                        ffn_hidden_size=4 * args.hidden, vocab_size=args.vocab, mask_token_id=args.vocab - 1,
-                        seq_len=args.seq_len, block_size=4)
+        cfg = NetConfig(
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            num_heads=args.heads,
+            ffn_hidden_size=4 * args.hidden,
+            vocab_size=args.vocab,
+            mask_token_id=args.vocab - 1,
+            seq_len=args.seq_len,
+            block_size=4,
+        )
         net = build_net(cfg, device=args.device)
         desc = "random weights"
     if args.dtype == "bf16":
         net = net.to(torch.bfloat16)
     c = net.cfg
-    return net, (f"{desc}: {c.num_layers}x{c.hidden_size}, {c.num_heads} heads, vocab {c.vocab_size}, "
-                 f"L={c.seq_len}, trained L'={c.block_size}")
+    return net, (
+        f"{desc}: {c.num_layers}x{c.hidden_size}, {c.num_heads} heads, vocab {c.vocab_size}, "
+        f"L={c.seq_len}, trained L'={c.block_size}"
+    )
 
 
 def run_one(net, batch: int, block: int, cache: bool, threshold: float | None, args) -> tuple[dict, list]:
-    opts = SampleOptions(length=args.length, block_size=block, kv_cache=cache, nucleus_p=args.nucleus_p, seed=0,
-                         schedule="threshold" if threshold else "ddpm", threshold=threshold or 0.9,
-                         context_len=(net.cfg.seq_len // block) * block)
+    opts = SampleOptions(
+        length=args.length,
+        block_size=block,
+        kv_cache=cache,
+        nucleus_p=args.nucleus_p,
+        seed=0,
+        schedule="threshold" if threshold else "ddpm",
+        threshold=threshold or 0.9,
+        context_len=(net.cfg.seq_len // block) * block,
+    )
     took = float("inf")
     for _ in range(max(1, args.repeat)):  # a shared machine: the fastest run is the least disturbed one
         synchronize(net_device(net))
@@ -83,8 +100,9 @@ def run_one(net, batch: int, block: int, cache: bool, threshold: float | None, a
         synchronize(net_device(net))
         took = min(took, time.perf_counter() - t0)
     nfe = sum(r.nfe for r in stats.results) / batch
-    return {"tok_s": stats.tokens / took, "nfe": nfe, "calls": stats.model_calls, "s": took}, \
-        [r.tokens for r in stats.results]
+    return {"tok_s": stats.tokens / took, "nfe": nfe, "calls": stats.model_calls, "s": took}, [
+        r.tokens for r in stats.results
+    ]
 
 
 def main(argv=None) -> int:
@@ -94,9 +112,11 @@ def main(argv=None) -> int:
     net, desc = load_net(args)
     device = device_name(net_device(net))
     print(f"# sampler bench: {desc}")
-    print(f"device {args.device} ({device}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.dtype}, {args.length} generated tokens per sample, DDPM steps = L', nucleus {args.nucleus_p}, "
-          f"threshold {args.threshold}, fastest of {args.repeat} run(s)")
+    print(
+        f"device {args.device} ({device}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.dtype}, {args.length} generated tokens per sample, DDPM steps = L', nucleus {args.nucleus_p}, "
+        f"threshold {args.threshold}, fastest of {args.repeat} run(s)"
+    )
     run_one(net, 1, 4, True, None, argparse.Namespace(**{**vars(args), "length": 8}))  # warm-up
     print("\n| batch | L' | decoding | cache | tokens/s | NFE/sample | calls | seconds | same |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -109,8 +129,11 @@ def main(argv=None) -> int:
                 same = f"{sum(a == b for a, b in zip(rows[True][1], rows[False][1]))}/{batch}"
                 for cache in (False, True):
                     r = rows[cache][0]
-                    print(f"| {batch} | {block} | {'threshold' if threshold else 'ddpm'} | {'on' if cache else 'off'} "
-                          f"| {r['tok_s']:.1f} | {r['nfe']:.1f} | {r['calls']} | {r['s']:.2f} | {same} |", flush=True)
+                    print(
+                        f"| {batch} | {block} | {'threshold' if threshold else 'ddpm'} | {'on' if cache else 'off'} "
+                        f"| {r['tok_s']:.1f} | {r['nfe']:.1f} | {r['calls']} | {r['s']:.2f} | {same} |",
+                        flush=True,
+                    )
     return 0
 
 

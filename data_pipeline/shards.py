@@ -72,8 +72,7 @@ def _check_rows(rows: np.ndarray, seq_len: int, dtype: np.dtype) -> np.ndarray:
 class MDSRowWriter:
     """Token rows -> mosaicml-streaming MDS shards via MDSWriter (index.json carries xxh64 per shard)."""
 
-    def __init__(self, folder: Path, seq_len: int, dtype: np.dtype, compression: str | None,
-                 shard_bytes: int) -> None:
+    def __init__(self, folder: Path, seq_len: int, dtype: np.dtype, compression: str | None, shard_bytes: int) -> None:
         from streaming import MDSWriter
 
         self.folder, self.seq_len, self.dtype = Path(folder), seq_len, np.dtype(dtype)
@@ -96,15 +95,17 @@ class MDSRowWriter:
         for entry in index["shards"]:
             raw, zipped = entry["raw_data"], entry["zip_data"]
             stored = zipped or raw
-            shards.append({
-                "file": stored["basename"],
-                "rows": int(entry["samples"]),
-                "bytes": int(stored["bytes"]),
-                "xxh64": stored["hashes"]["xxh64"],
-                "raw_file": raw["basename"],
-                "raw_bytes": int(raw["bytes"]),
-                "raw_xxh64": raw["hashes"].get("xxh64"),
-            })
+            shards.append(
+                {
+                    "file": stored["basename"],
+                    "rows": int(entry["samples"]),
+                    "bytes": int(stored["bytes"]),
+                    "xxh64": stored["hashes"]["xxh64"],
+                    "raw_file": raw["basename"],
+                    "raw_bytes": int(raw["bytes"]),
+                    "raw_xxh64": raw["hashes"].get("xxh64"),
+                }
+            )
         return shards
 
 
@@ -181,8 +182,9 @@ def build_wds_index(shard: Path, seq_len: int, dtype: np.dtype) -> np.ndarray:
                     raise ValueError(f"unexpected member {member.name!r}")
                 raw.seek(member.offset_data)
                 version = np.lib.format.read_magic(raw)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, got = read_header(raw)
                 if shape != (seq_len,) or got != dtype or fortran:
                     raise ValueError(f"member {member.name!r} holds {got}{list(shape)}, expected {dtype}[{seq_len}]")
@@ -262,8 +264,13 @@ class IncompatibleData(ValueError):
         self.field, self.got, self.want, self.where = field, got, want, where
 
 
-def check_compatible(manifest: dict[str, Any], expect_tokenizer: str, expect_seq_len: int,
-                     expect_vocab_size: int | None = None, where: str = "prepared dataset") -> None:
+def check_compatible(
+    manifest: dict[str, Any],
+    expect_tokenizer: str,
+    expect_seq_len: int,
+    expect_vocab_size: int | None = None,
+    where: str = "prepared dataset",
+) -> None:
     """Refuse shards made for another tokenizer, row length or vocabulary (IncompatibleData naming both values
     and the fix for a training run)."""
     got_tok, got_len = manifest["tokenizer"]["name"], int(manifest["seq_len"])
@@ -271,15 +278,27 @@ def check_compatible(manifest: dict[str, Any], expect_tokenizer: str, expect_seq
         raise IncompatibleData(
             f"{where} was prepared with tokenizer {got_tok!r} but the config asks for {expect_tokenizer!r}; "
             f"set data.tokenizer={got_tok} or re-run prepare with --tokenizer {expect_tokenizer}",
-            field="tokenizer", got=got_tok, want=expect_tokenizer, where=where)
+            field="tokenizer",
+            got=got_tok,
+            want=expect_tokenizer,
+            where=where,
+        )
     if got_len != expect_seq_len:
         raise IncompatibleData(
             f"{where} has rows of seq_len {got_len} but the config asks for {expect_seq_len}; "
             f"set model.seq_len={got_len} or re-run prepare with --seq-len {expect_seq_len}",
-            field="seq_len", got=got_len, want=expect_seq_len, where=where)
+            field="seq_len",
+            got=got_len,
+            want=expect_seq_len,
+            where=where,
+        )
     got_vocab = int(manifest["tokenizer"]["vocab_size"])
     if expect_vocab_size is not None and got_vocab != expect_vocab_size:
         raise IncompatibleData(
             f"{where} was tokenized with a {got_tok} vocabulary of {got_vocab} ids but this tokenizer has "
             f"{expect_vocab_size}; use the same tokenizer files (BD3_TOKENIZER_DIR) or re-run prepare",
-            field="vocab_size", got=got_vocab, want=expect_vocab_size, where=where)
+            field="vocab_size",
+            got=got_vocab,
+            want=expect_vocab_size,
+            where=where,
+        )

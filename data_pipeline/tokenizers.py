@@ -15,9 +15,9 @@ import functools
 import importlib.util
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 SUPPORTED_TOKENIZERS: tuple[str, ...] = ("gpt2", "bert-base-uncased")
 OVERRIDE_ENV = "BD3_TOKENIZER_DIR"
@@ -170,7 +170,7 @@ def _build_bert(override_dir: str | None) -> Tokenizer:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(name: str, override_dir: str | None) -> Tokenizer:
     return _build_gpt2(override_dir) if name == "gpt2" else _build_bert(override_dir)
 

@@ -14,6 +14,7 @@ in interpreter shutdown, after Python restored the default action, and kill it. 
 where every process of the step receives SIGTERM, the workers also get it directly; either way is the same request.
 Other signals (SIGINT, SIGHUP, SIGQUIT) keep torchrun's behaviour: stop the workers without a checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,11 @@ def _catches(pid: int, sig: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in argv):
-        print("error: launcher.torchrun sets --signals-to-handle itself (SIGTERM and SIGUSR1 are forwarded as a "
-              "checkpoint-and-stop request); drop the option", file=sys.stderr)
+        print(
+            "error: launcher.torchrun sets --signals-to-handle itself (SIGTERM and SIGUSR1 are forwarded as a "
+            "checkpoint-and-stop request); drop the option",
+            file=sys.stderr,
+        )
         return 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *argv]
     requested: list[int] = []
@@ -79,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not announced:
             announced = True
-            print(f"[launcher.torchrun] received {signal.Signals(requested[0]).name}: asking the workers to save a "
-                  f"checkpoint and stop", flush=True)
+            print(
+                f"[launcher.torchrun] received {signal.Signals(requested[0]).name}: asking the workers to save a "
+                f"checkpoint and stop",
+                flush=True,
+            )
         for pid in _workers(agent.pid):
             if pid not in signalled and _catches(pid, signal.SIGUSR1):
                 try:

@@ -3,6 +3,7 @@
 The same command runs as a single process, under ``torchrun`` and under ``srun``: ranks come from the
 environment (see bd3_megatron.parallel.state). Bad input ends the run with one ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def print_samples(trainer, cfg) -> None:
     if s.num_samples == 0 or ctx.rank != 0:
         return
     if cfg.model.mode != "bd3" or not cfg.checkpoint.dir:
-        why = "they are drawn from the final checkpoint (set checkpoint.dir)" if cfg.model.mode == "bd3" else \
-            f"model.mode={cfg.model.mode} is not a block diffusion model"
+        why = (
+            "they are drawn from the final checkpoint (set checkpoint.dir)"
+            if cfg.model.mode == "bd3"
+            else f"model.mode={cfg.model.mode} is not a block diffusion model"
+        )
         print(f"samples: skipped ({why})")
         return
     ck = read_input(Path(cfg.checkpoint.dir), log=lambda msg: None)
@@ -41,11 +45,15 @@ def print_samples(trainer, cfg) -> None:
     length = s.length or cfg.model.seq_len
     opts = SampleOptions(length=max(length - 1, 1), steps=s.steps, nucleus_p=s.nucleus_p, seed=s.seed)
     stats = generate(net, s.num_samples, opts, prompt=[tok.eos_token_id])  # start at a document boundary
-    print(f"\n=== {s.num_samples} samples of step {ck.source['step']} ({length} tokens, block size "
-          f"{cfg.model.block_size}, {s.steps} steps/block, KV cache, {stats.seconds:.1f}s) ===", flush=True)
+    print(
+        f"\n=== {s.num_samples} samples of step {ck.source['step']} ({length} tokens, block size "
+        f"{cfg.model.block_size}, {s.steps} steps/block, KV cache, {stats.seconds:.1f}s) ===",
+        flush=True,
+    )
     for r in stats.results:
-        print(f"--- sample {r.index} ---  NFE {r.nfe}, entropy {r.entropy:.2f}\n{tok.decode(r.generated)}\n",
-              flush=True)
+        print(
+            f"--- sample {r.index} ---  NFE {r.nfe}, entropy {r.entropy:.2f}\n{tok.decode(r.generated)}\n", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         lock = None
         try:
             # one run per checkpoint folder, before any work (rank 0 holds it; see run_lock for why one rank)
-            lock = lock_run(cfg.checkpoint.dir, ctx.rank, cfg.checkpoint.lock,
-                            log=lambda text: print(text, flush=True))
+            lock = lock_run(cfg.checkpoint.dir, ctx.rank, cfg.checkpoint.lock, log=lambda text: print(text, flush=True))
             trainer = Trainer(cfg, ctx)
             info = trainer.data_info
+            params_m = sum(p.numel() for p in trainer.model.parameters()) / 1e6
             trainer.logger.info(
                 f"bd3-megatron: {cfg.model.num_layers}x{cfg.model.hidden_size} (heads {cfg.model.num_heads}), "
-                f"L={cfg.model.seq_len} L'={cfg.model.block_size}, {sum(p.numel() for p in trainer.model.parameters())/1e6:.1f}M "
+                f"L={cfg.model.seq_len} L'={cfg.model.block_size}, {params_m:.1f}M "
                 f"params/rank, device {ctx.runtime.device}, tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}; data "
-                f"{info['train_rows']} train / {info['val_rows']} val rows of {cfg.data.path} ({cfg.data.tokenizer})")
+                f"{info['train_rows']} train / {info['val_rows']} val rows of {cfg.data.path} ({cfg.data.tokenizer})"
+            )
             trainer.maybe_resume()
             if trainer.step == 0:
                 trainer.initial_eval()

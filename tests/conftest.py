@@ -1,4 +1,5 @@
 """Shared fixtures: megatron-core initialised once per test session in this process (tp=pp=1, CPU/gloo)."""
+
 from __future__ import annotations
 
 import os

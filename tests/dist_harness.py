@@ -4,6 +4,7 @@ megatron-core + deepspeed take ~12 s to import; a ``forkserver`` that pre-import
 a second. Every test gets a fresh port and fresh process groups; a rank that hangs is killed at the timeout, so one
 broken collective fails one test instead of hanging CI.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,16 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "megatron.core", "deepspeed", "bd3_megatron.parallel.state",
-                                     "bd3_megatron.training.trainer", "tests.dist_workers"])
+        _CTX.set_forkserver_preload(
+            [
+                "torch",
+                "megatron.core",
+                "deepspeed",
+                "bd3_megatron.parallel.state",
+                "bd3_megatron.training.trainer",
+                "tests.dist_workers",
+            ]
+        )
     return _CTX
 
 
@@ -33,8 +42,15 @@ def free_port() -> int:
 
 
 def _entry(fn, rank, world, port, args, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+    )
     try:
         # tensors go through the queue as bytes: torch's fd-sharing pickles would need this process alive
         buf = io.BytesIO()

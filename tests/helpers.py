@@ -1,4 +1,5 @@
 """Small builders shared by tests (not fixtures: plain functions)."""
+
 from __future__ import annotations
 
 import torch
@@ -9,16 +10,33 @@ VOCAB = 61  # small fake vocabulary; id 60 is the mask token
 MASK_ID = 60
 
 
-def tiny_model(seq_len: int = 16, block_size: int = 4, layers: int = 2, hidden: int = 32, heads: int = 4,
-               seed: int = 0, backend: str = "sdpa", noisy_half_last_layer: bool = True,
-               recompute: bool = False, dropout: float = 0.0) -> BD3Model:
+def tiny_model(
+    seq_len: int = 16,
+    block_size: int = 4,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    seed: int = 0,
+    backend: str = "sdpa",
+    noisy_half_last_layer: bool = True,
+    recompute: bool = False,
+    dropout: float = 0.0,
+) -> BD3Model:
     """A 2-layer megatron-core BD3 model on a 61-token vocabulary, weights keyed by ``seed``. With
     ``noisy_half_last_layer=False`` the last layer returns every row, so ``encode`` can run arbitrary sequences
     (the naive references) with the same weights."""
-    cfg = build_transformer_config(num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=None,
-                                   dropout=dropout, tp=1, pp=1)
-    spec = BD3Spec(vocab_size=VOCAB, mask_token_id=MASK_ID, seq_len=seq_len, block_size=block_size,
-                   attention_backend=backend, noisy_half_last_layer=noisy_half_last_layer, recompute=recompute)
+    cfg = build_transformer_config(
+        num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=None, dropout=dropout, tp=1, pp=1
+    )
+    spec = BD3Spec(
+        vocab_size=VOCAB,
+        mask_token_id=MASK_ID,
+        seq_len=seq_len,
+        block_size=block_size,
+        attention_backend=backend,
+        noisy_half_last_layer=noisy_half_last_layer,
+        recompute=recompute,
+    )
     model = BD3Model(cfg, spec)
     init_parameters(model, seed)
     return model.eval()

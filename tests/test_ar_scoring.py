@@ -1,5 +1,6 @@
 """Autoregressive scoring with the project's own checkpoints: L'=1 BD3 at window (1, 1) is the AR NLL of its weights,
 the AR baseline's scorer reproduces its training evaluation, sliding windows, generative perplexity in eval_ppl."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,17 @@ from tests.test_train_e2e import ROOT, metrics, run, tiny_args
 
 
 def random_scorer(mode: str, block_size: int = 1, seq_len: int = 8) -> ProjectScorer:
-    cfg = NetConfig(num_layers=2, hidden_size=32, num_heads=2, ffn_hidden_size=64, vocab_size=30522,
-                    mask_token_id=103, seq_len=seq_len, block_size=block_size, mode=mode)
+    cfg = NetConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_heads=2,
+        ffn_hidden_size=64,
+        vocab_size=30522,
+        mask_token_id=103,
+        seq_len=seq_len,
+        block_size=block_size,
+        mode=mode,
+    )
     torch.manual_seed(0)
     state = build_net(cfg).state_dict()
     return ProjectScorer(SamplerCheckpoint(cfg, state, tokenizer="bert-base-uncased"))
@@ -62,8 +72,8 @@ def kv_cache_ar_nll(net, row: torch.Tensor) -> torch.Tensor:
         for pos in range(len(row)):
             where = torch.tensor([pos])
             query = net.run(torch.tensor([[cfg.mask_token_id]]), where, cache)  # not kept: length unchanged
-            out.append(torch.nn.functional.cross_entropy(net.logits(query)[0], row[pos:pos + 1]))
-            net.run(row[None, pos:pos + 1], where, cache)
+            out.append(torch.nn.functional.cross_entropy(net.logits(query)[0], row[pos : pos + 1]))
+            net.run(row[None, pos : pos + 1], where, cache)
             cache.length += 1
     return torch.stack(out)
 
@@ -76,14 +86,16 @@ def validation_rows(ckpt_dir, n: int) -> torch.Tensor:
 
     c = ckpt.read_metadata(ckpt.resolve_checkpoint("auto", ckpt_dir))["config"]
     tok = get_tokenizer(c["data"]["tokenizer"])
-    _, val, _ = build_datasets(c["data"]["path"], tok, c["model"]["seq_len"], c["data"]["val_docs"],
-                               c["data"]["cache_dir"])
+    _, val, _ = build_datasets(
+        c["data"]["path"], tok, c["model"]["seq_len"], c["data"]["val_docs"], c["data"]["cache_dir"]
+    )
     return torch.from_numpy(val.rows(np.arange(n))).long()
 
 
 def eval_ppl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/eval_ppl.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "tools/eval_ppl.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -129,8 +141,18 @@ def test_block_size_one_nelbo_at_window_one_is_the_ar_nll_and_ar_checkpoints_sco
         generate(folder_scorer.net, 1, SampleOptions(length=4))
 
     # eval_ppl: samples of the BD3 model scored by the project's own AR checkpoint
-    gen = eval_ppl("--checkpoint", str(bd3 / "ckpt"), "--max-rows", "4", "--batch-size", "4",
-                   "--gen-ppl-model", str(ar / "ckpt"), "--num-samples", "2")
+    gen = eval_ppl(
+        "--checkpoint",
+        str(bd3 / "ckpt"),
+        "--max-rows",
+        "4",
+        "--batch-size",
+        "4",
+        "--gen-ppl-model",
+        str(ar / "ckpt"),
+        "--num-samples",
+        "2",
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     g = json.loads(gen.stdout.strip().splitlines()[-1])
     assert len(g["gen_ppl_per_sample"]) == 2 and all(p > 1 for p in g["gen_ppl_per_sample"])

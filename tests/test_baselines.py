@@ -1,4 +1,5 @@
 """MDLM and causal-AR baselines on the same megatron-core backbone."""
+
 from __future__ import annotations
 
 import torch
@@ -9,10 +10,20 @@ from tests.helpers import MASK_ID, VOCAB, random_tokens
 
 
 def model(mode: str, seq_len: int, block_size: int) -> BD3Model:
-    cfg = build_transformer_config(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None, dropout=0.0,
-                                   tp=1, pp=1)
-    m = BD3Model(cfg, BD3Spec(vocab_size=VOCAB, mask_token_id=MASK_ID, seq_len=seq_len, block_size=block_size,
-                              attention_backend="sdpa", mode=mode))
+    cfg = build_transformer_config(
+        num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None, dropout=0.0, tp=1, pp=1
+    )
+    m = BD3Model(
+        cfg,
+        BD3Spec(
+            vocab_size=VOCAB,
+            mask_token_id=MASK_ID,
+            seq_len=seq_len,
+            block_size=block_size,
+            attention_backend="sdpa",
+            mode=mode,
+        ),
+    )
     init_parameters(m, seed=0)
     return m.eval()
 
@@ -20,11 +31,16 @@ def model(mode: str, seq_len: int, block_size: int) -> BD3Model:
 def test_mdlm_equals_bd3_with_one_block(mcore):
     """With L'=L the BD3 noisy half attends only to itself, so dropping the clean copy (MDLM) changes nothing."""
     x0 = random_tokens(2, 16)
-    c = corrupt(x0, torch.arange(2), 0, seed=1, block_size=16, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=2)
+    c = corrupt(
+        x0, torch.arange(2), 0, seed=1, block_size=16, window=ClipWindow(), mask_token_id=MASK_ID, global_batch_size=2
+    )
     with torch.no_grad():
-        torch.testing.assert_close(model("mdlm", 16, 16)(c.xt, x0, c.masked).ce, model("bd3", 16, 16)(c.xt, x0, c.masked).ce,
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            model("mdlm", 16, 16)(c.xt, x0, c.masked).ce,
+            model("bd3", 16, 16)(c.xt, x0, c.masked).ce,
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_ar_is_next_token_prediction(mcore):
@@ -37,8 +53,9 @@ def test_ar_is_next_token_prediction(mcore):
         assert torch.all(ce[:, 0] == 0)
         for pos in range(1, 12):
             hidden = ar.encode(x0[:, :pos], torch.arange(pos), block_causal_mask(pos, 1))
-            torch.testing.assert_close(ce[:, pos], ar.head_cross_entropy(hidden[pos - 1], x0[:, pos]),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                ce[:, pos], ar.head_cross_entropy(hidden[pos - 1], x0[:, pos]), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_baselines_train_and_evaluate(tmp_path, data_cache):
@@ -46,11 +63,22 @@ def test_baselines_train_and_evaluate(tmp_path, data_cache):
 
     from tests.test_train_e2e import metrics, run, tiny_args
 
-    for mode, extra in (("ar", ["model.block_size=1", "sample.length=16"]), ("mdlm", ["model.block_size=32",
-                                                                                       "sample.length=32"])):
+    for mode, extra in (
+        ("ar", ["model.block_size=1", "sample.length=16"]),
+        ("mdlm", ["model.block_size=32", "sample.length=32"]),
+    ):
         out = tmp_path / mode
-        proc = run(tiny_args(out, data_cache, f"model.mode={mode}", *extra, "train.max_steps=12",
-                             "train.eval_interval=12", "checkpoint.interval=0"))
+        proc = run(
+            tiny_args(
+                out,
+                data_cache,
+                f"model.mode={mode}",
+                *extra,
+                "train.max_steps=12",
+                "train.eval_interval=12",
+                "checkpoint.interval=0",
+            )
+        )
         assert proc.returncode == 0, (mode, proc.stderr[-2000:])
         recs = metrics(out / "log")
         assert recs[12]["val_nelbo"] < recs[0]["val_nelbo"] - 0.5, mode  # it learns (nats per token)

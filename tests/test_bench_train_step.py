@@ -1,5 +1,6 @@
 """bench/train_step.py: the bench runs end to end, its CPU memory accounting is exact on a known allocation pattern,
 and the reference-equivalent baseline computes the SUBS NELBO of the reference network (checked by brute force)."""
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,47 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ROOT / "bench/train_step.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench/train_step.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 @pytest.mark.slow
 def test_bench_runs_end_to_end_with_baseline(data_cache):
-    proc = run_bench("--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "16", "--block-size", "4",
-                     "--batch", "4", "--vocab", "bert-base-uncased", "--precision", "fp32", "--device", "cpu",
-                     "--steps", "2", "--warmup", "1", "--threads", "1", "--baseline", "model.dropout=0",
-                     f"data.cache_dir={data_cache}")
+    proc = run_bench(
+        "--layers",
+        "2",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--seq-len",
+        "16",
+        "--block-size",
+        "4",
+        "--batch",
+        "4",
+        "--vocab",
+        "bert-base-uncased",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--baseline",
+        "model.dropout=0",
+        f"data.cache_dir={data_cache}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     info = result["info"]
@@ -105,7 +137,7 @@ def brute_force_logits(model: ReferenceBD3, xt: torch.Tensor, x0: torch.Tensor) 
 
     def rope(v, pos):  # v [heads, hd] at position pos, rotate-half
         ang = torch.cat([pos * inv, pos * inv])
-        rot = torch.cat([-v[:, hd // 2:], v[:, : hd // 2]], dim=-1)
+        rot = torch.cat([-v[:, hd // 2 :], v[:, : hd // 2]], dim=-1)
         return v * torch.cos(ang) + rot * torch.sin(ang)
 
     def allowed(q, k):
@@ -140,8 +172,9 @@ def brute_force_logits(model: ReferenceBD3, xt: torch.Tensor, x0: torch.Tensor) 
 def test_baseline_loss_is_the_subs_nelbo_of_the_reference_network():
     torch.manual_seed(0)
     vocab, mask_id, n, bs = 13, 12, 8, 4
-    model = ReferenceBD3(vocab, mask_id, num_layers=2, hidden_size=16, num_heads=2, seq_len=n, block_size=bs,
-                         cond_dim=8).double()
+    model = ReferenceBD3(
+        vocab, mask_id, num_layers=2, hidden_size=16, num_heads=2, seq_len=n, block_size=bs, cond_dim=8
+    ).double()
     with torch.no_grad():  # non-trivial adaLN and head, so every term of the network matters
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -155,7 +188,7 @@ def test_baseline_loss_is_the_subs_nelbo_of_the_reference_network():
     for b in range(xt.shape[0]):
         for pos in range(n):
             if xt[b, pos] == mask_id:
-                z = torch.cat([logits[b, pos, :mask_id], logits[b, pos, mask_id + 1:]]).logsumexp(0)
+                z = torch.cat([logits[b, pos, :mask_id], logits[b, pos, mask_id + 1 :]]).logsumexp(0)
                 total += -(float(logits[b, pos, x0[b, pos]]) - float(z)) / float(t[b, pos])
     expected = total / xt.numel()
     assert float(model.loss(xt, x0, t.double()).detach()) == pytest.approx(expected, rel=1e-9)

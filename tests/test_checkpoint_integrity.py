@@ -1,14 +1,13 @@
 """Checkpoint integrity (issue 14): content hashes, finite tensors, metadata that disagrees with its folder, the
 choice of checkpoint to resume from, pruning, ENOSPC on a real full filesystem, unwritable checkpoint folders."""
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,16 @@ ONE = ckpt.Layout(tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, rank=0)
 
 def save(root: Path, step: int, numel: int = 64, **kw) -> Path:
     model = {"model": {"w": torch.arange(numel, dtype=torch.float32)}, "tp_partition": {"w": None}}
-    return ckpt.save_checkpoint(root, step, ONE, model_state=model, optim_state={"step": step},
-                                metadata={"config": {}}, **kw)
+    return ckpt.save_checkpoint(
+        root, step, ONE, model_state=model, optim_state={"step": step}, metadata={"config": {}}, **kw
+    )
 
 
 def flip_middle_bytes(path: Path) -> None:
     """Overwrite 8 bytes in the middle of the file: same size, different content."""
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 8] = bytes(255 - b for b in data[mid:mid + 8])
+    data[mid : mid + 8] = bytes(255 - b for b in data[mid : mid + 8])
     path.write_bytes(bytes(data))
 
 
@@ -38,8 +38,10 @@ def test_every_file_hash_is_recorded_and_checked(tmp_path):
     meta = ckpt.read_metadata(path)
     assert set(meta["files"]) == {"model_tp00_pp00.pt", "optim_tp00_pp00_dp000.pt", "rng_rank00000.pt"}
     for name, entry in meta["files"].items():  # an independent hash of the bytes on disk
-        assert entry == {"bytes": (path / name).stat().st_size,
-                         "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+        assert entry == {
+            "bytes": (path / name).stat().st_size,
+            "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest(),
+        }
     assert torch.equal(ckpt.load_file(path / "model_tp00_pp00.pt", meta=meta)["model"]["w"], torch.arange(64.0))
     model_file = path / "model_tp00_pp00.pt"
     flip_middle_bytes(model_file)

@@ -1,4 +1,5 @@
 """torch.compile of the transformer layers (model.compile) and compiled FlexAttention against the eager paths."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,16 @@ def test_compiled_layers_give_the_eager_loss_and_every_gradient(mcore):
     eager, compiled = tiny_model(16, 4), tiny_model(16, 4)
     compile_layers(compiled)
     x0 = random_tokens(3, 16, seed=2)
-    c = corrupt(x0, torch.arange(3), step=1, seed=9, block_size=4, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=3)
+    c = corrupt(
+        x0,
+        torch.arange(3),
+        step=1,
+        seed=9,
+        block_size=4,
+        window=ClipWindow(),
+        mask_token_id=MASK_ID,
+        global_batch_size=3,
+    )
     weight = torch.where(c.masked, 1.0 / c.t_tokens, torch.zeros_like(c.t_tokens))
     for model in (eager, compiled):
         model.train()
@@ -43,9 +52,13 @@ def test_compiled_flex_equals_dense_sdpa_on_cpu():
     flex = torch.compile(flex_attention, dynamic=False)
     full = masks.flex_block_mask(seq, block, "cpu", block_tile=32)
     dense = masks.bd3_mask(seq, block)
-    torch.testing.assert_close(flex(q, k, v, block_mask=full),
-                               F.scaled_dot_product_attention(q, k, v, attn_mask=dense), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        flex(q, k, v, block_mask=full), F.scaled_dot_product_attention(q, k, v, attn_mask=dense), rtol=1e-5, atol=1e-5
+    )
     rows = masks.noisy_query_rows(full, seq)
-    torch.testing.assert_close(flex(q[:, :, :seq], k, v, block_mask=rows),
-                               F.scaled_dot_product_attention(q[:, :, :seq], k, v, attn_mask=dense[:seq]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        flex(q[:, :, :seq], k, v, block_mask=rows),
+        F.scaled_dot_product_attention(q[:, :, :seq], k, v, attn_mask=dense[:seq]),
+        rtol=1e-5,
+        atol=1e-5,
+    )

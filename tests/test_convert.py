@@ -6,11 +6,11 @@ ourselves (same file naming, vocabulary padded for tp=2 like megatron does). Slo
 one written by the trainer CLI in a subprocess, and TP=2 and PP=2 ones written by forked distributed ranks, whose
 validation NELBO the converted network must reproduce.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from bd3_megatron.diffusion import bd3_mask
 from bd3_megatron.model.bd3_model import canonical_parameter_names, padded_vocab_size
-from bd3_megatron.sampling.export import (from_hf, load_checkpoint, load_hf, load_native, save_hf, save_native,
-                                          to_hf)
+from bd3_megatron.sampling.export import from_hf, load_checkpoint, load_hf, load_native, save_hf, save_native, to_hf
 from bd3_megatron.sampling.net import build_net
 from tests.helpers import MASK_ID, VOCAB, random_tokens, tiny_model
 from tools import convert
@@ -43,17 +42,20 @@ def one_thread():
 def model_state(model) -> dict:
     """What the trainer saves for a single-process model: canonical names, TP partition dims."""
     names = canonical_parameter_names(model)
-    return {"model": {names[n]: p.detach().clone() for n, p in model.named_parameters()},
-            "tp_partition": {names[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
-                             for n, p in model.named_parameters()}}
+    return {
+        "model": {names[n]: p.detach().clone() for n, p in model.named_parameters()},
+        "tp_partition": {
+            names[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+            for n, p in model.named_parameters()
+        },
+    }
 
 
 def metadata(vocab_size: int = VOCAB, tokenizer: str | None = None) -> dict:
     from bd3_megatron.config import Config
 
     cfg = Config().to_dict()
-    cfg["model"].update(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None, seq_len=SEQ,
-                        block_size=BLOCK)
+    cfg["model"].update(num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None, seq_len=SEQ, block_size=BLOCK)
     cfg["diffusion"].update(eps_min=0.2, eps_max=0.8)
     return {"config": cfg, "vocab_size": vocab_size, "mask_token_id": MASK_ID, "tokenizer": tokenizer}
 
@@ -68,16 +70,19 @@ def write_checkpoint(root: Path, step: int, tp: int, pp: int, shards: dict[tuple
     d.mkdir(parents=True)
     for (t, p), state in shards.items():
         torch.save(state, d / f"model_tp{t:02d}_pp{p:02d}.pt")
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
-             for f in sorted(d.iterdir())}
+    files = {
+        f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        for f in sorted(d.iterdir())
+    }
     meta = dict(meta, format_version=FORMAT_VERSION, step=step, files=files, layout={"tp": tp, "pp": pp, "dp": 1})
     (d / "metadata.json").write_text(json.dumps(dict(meta, metadata_sha256=metadata_digest(meta))))
     (root / "latest").write_text(d.name + "\n")
     return d
 
 
-def split_state(state: dict, tp: int, pp: int, num_layers: int, gen: torch.Generator,
-                record_partition: bool = True) -> dict[tuple[int, int], dict]:
+def split_state(
+    state: dict, tp: int, pp: int, num_layers: int, gen: torch.Generator, record_partition: bool = True
+) -> dict[tuple[int, int], dict]:
     """Cut a TP=1 training state ({"model", "ema", "tp_partition"}) into the files of a tp×pp layout."""
     part = state["tp_partition"]
 
@@ -147,8 +152,9 @@ def train_state(models):
 def test_tp1_checkpoint_from_save_checkpoint_matches_megatron(models, train_state, tmp_path):
     from bd3_megatron.training.checkpoint import Layout, save_checkpoint
 
-    save_checkpoint(tmp_path / "ckpt", 5, Layout(1, 1, 1, 0, 0, 0, 0), model_state=train_state, optim_state={},
-                    metadata=metadata())
+    save_checkpoint(
+        tmp_path / "ckpt", 5, Layout(1, 1, 1, 0, 0, 0, 0), model_state=train_state, optim_state={}, metadata=metadata()
+    )
     ck = convert.gather_training_checkpoint(convert.resolve_step_dir(tmp_path / "ckpt", None))
     assert ck.source["weights"] == "ema" and ck.source["step"] == 5 and ck.clip_window == (0.2, 0.8)
     assert ck.state["output_layer.weight"].shape[0] == VOCAB  # 128 padded rows -> 61
@@ -157,12 +163,16 @@ def test_tp1_checkpoint_from_save_checkpoint_matches_megatron(models, train_stat
     assert_logits_match(build_net(raw.config, raw.state), models[0])
 
 
-@pytest.mark.parametrize("tp,pp,recorded", [(2, 1, True), (1, 2, True), (2, 2, True), (2, 2, False)],
-                         ids=["tp2", "pp2", "tp2_pp2", "tp2_pp2_no_partition_record"])
+@pytest.mark.parametrize(
+    "tp,pp,recorded",
+    [(2, 1, True), (1, 2, True), (2, 2, True), (2, 2, False)],
+    ids=["tp2", "pp2", "tp2_pp2", "tp2_pp2_no_partition_record"],
+)
 def test_synthetic_distributed_checkpoints_convert_to_the_same_model(models, train_state, tmp_path, tp, pp, recorded):
     """Synthetic TP/PP files (split from the TP=1 tensors): merged, de-padded, they give the model's logits."""
-    files = split_state(train_state, tp, pp, num_layers=2, gen=torch.Generator().manual_seed(tp * 10 + pp),
-                        record_partition=recorded)
+    files = split_state(
+        train_state, tp, pp, num_layers=2, gen=torch.Generator().manual_seed(tp * 10 + pp), record_partition=recorded
+    )
     write_checkpoint(tmp_path / "ckpt", 7, tp, pp, files, metadata())
     ema = convert.gather_training_checkpoint(tmp_path / "ckpt/step_00000007")
     raw = convert.gather_training_checkpoint(tmp_path / "ckpt/step_00000007", "raw")
@@ -189,8 +199,11 @@ def test_hf_config_values_are_the_checkpoints(train_state, tmp_path):
     config = to_hf(ck)[0]
     m = meta["config"]["model"]
     assert config["dropout"] == 0.25
-    assert (config["hidden_dim"], config["n_blocks"], config["n_heads"]) == (m["hidden_size"], m["num_layers"],
-                                                                             m["num_heads"])
+    assert (config["hidden_dim"], config["n_blocks"], config["n_heads"]) == (
+        m["hidden_size"],
+        m["num_layers"],
+        m["num_heads"],
+    )
     assert (config["model_length"], config["block_size"], config["vocab_size"]) == (SEQ, BLOCK, VOCAB)
     assert (config["sampling_eps_min"], config["sampling_eps_max"]) == (0.3, 0.75)
     assert config["bd3_megatron"]["mask_token_id"] == MASK_ID
@@ -274,8 +287,9 @@ def test_hf_layout_computes_the_reference_forward(native, models):
     assert sd["sampling_eps_min"].item() == pytest.approx(0.2)
     x0 = random_tokens(2, SEQ, seed=4)
     xt = torch.where(torch.rand(2, SEQ, generator=torch.Generator().manual_seed(4)) < 0.5, MASK_ID, x0)
-    torch.testing.assert_close(hf_reference_logits(config, sd, xt, x0), megatron_logits(models[1], xt, x0),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        hf_reference_logits(config, sd, xt, x0), megatron_logits(models[1], xt, x0), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_native_hf_native_round_trip_is_lossless(native, tmp_path):
@@ -290,18 +304,21 @@ def test_native_hf_native_round_trip_is_lossless(native, tmp_path):
     assert load_checkpoint(tmp_path / "native2").source["imported_from"] == "hf"
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda c, s: s["backbone.blocks.1.adaLN_modulation.weight"].add_(0.01), "adaLN_modulation.weight is non-zero"),
-    (lambda c, s: s["backbone.blocks.0.mlp.0.bias"].add_(0.5), "mlp.0.bias is non-zero"),
-    (lambda c, s: s["backbone.output_layer.linear.bias"].add_(1.0), "linear.bias is non-zero"),
-    (lambda c, s: s["backbone.blocks.0.adaLN_modulation.bias"][64:96].mul_(2), "gate_msa"),
-    (lambda c, s: s["backbone.blocks.0.adaLN_modulation.bias"][32:64].add_(1), "scale_msa"),
-    (lambda c, s: s.pop("backbone.blocks.1.attn_out.weight"), "missing"),
-    (lambda c, s: s.__setitem__("backbone.extra.weight", torch.ones(2)), "no counterpart"),
-    (lambda c, s: c.update(time_conditioning=True), "time_conditioning"),
-    (lambda c, s: s["backbone.rotary_emb.inv_freq"].mul_(0.5), "base-10000"),
-    (lambda c, s: c.update(n_heads=8), "inv_freq has shape"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c, s: s["backbone.blocks.1.adaLN_modulation.weight"].add_(0.01), "adaLN_modulation.weight is non-zero"),
+        (lambda c, s: s["backbone.blocks.0.mlp.0.bias"].add_(0.5), "mlp.0.bias is non-zero"),
+        (lambda c, s: s["backbone.output_layer.linear.bias"].add_(1.0), "linear.bias is non-zero"),
+        (lambda c, s: s["backbone.blocks.0.adaLN_modulation.bias"][64:96].mul_(2), "gate_msa"),
+        (lambda c, s: s["backbone.blocks.0.adaLN_modulation.bias"][32:64].add_(1), "scale_msa"),
+        (lambda c, s: s.pop("backbone.blocks.1.attn_out.weight"), "missing"),
+        (lambda c, s: s.__setitem__("backbone.extra.weight", torch.ones(2)), "no counterpart"),
+        (lambda c, s: c.update(time_conditioning=True), "time_conditioning"),
+        (lambda c, s: s["backbone.rotary_emb.inv_freq"].mul_(0.5), "base-10000"),
+        (lambda c, s: c.update(n_heads=8), "inv_freq has shape"),
+    ],
+)
 def test_hf_import_refuses_what_it_cannot_represent(native, edit, message):
     config, sd = to_hf(load_native(native))
     sd = {k: v.clone() for k, v in sd.items()}
@@ -329,8 +346,10 @@ def test_convert_cli_output_and_refusals(native, train_state, tmp_path, capsys):
     cases = [
         (["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")], "does not exist"),
         (["--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out")], "not empty"),
-        (["--input", str(tmp_path / "ckpt"), "--step", "5", "--output", str(tmp_path / "o2")],
-         "no checkpoint for step 5"),
+        (
+            ["--input", str(tmp_path / "ckpt"), "--step", "5", "--output", str(tmp_path / "o2")],
+            "no checkpoint for step 5",
+        ),
         (["--input", str(native), "--raw", "--output", str(tmp_path / "o3")], "training checkpoints only"),
     ]
     for argv, message in cases:
@@ -361,8 +380,21 @@ def test_truncated_or_foreign_sampler_folders_are_refused(native, tmp_path):
 def test_sample_cli_on_a_converted_checkpoint(native, tmp_path, capsys):
     from tools import sample
 
-    argv = ["--checkpoint", str(native), "--num-samples", "3", "--length", "12", "--batch-size", "2", "--seed", "5",
-            "--output", str(tmp_path / "s.jsonl"), "--no-progress"]
+    argv = [
+        "--checkpoint",
+        str(native),
+        "--num-samples",
+        "3",
+        "--length",
+        "12",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+        "--output",
+        str(tmp_path / "s.jsonl"),
+        "--no-progress",
+    ]
     assert sample.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 3 and "NFE" in out and "tok/s" in out
@@ -424,20 +456,35 @@ def test_trainer_cli_checkpoint_converts_and_samples(mcore, data_cache, tmp_path
     from bd3_megatron.training.checkpoint import load_file
     from tests.test_train_e2e import run, tiny_args
 
-    proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=3", "train.eval_interval=0", "optim.ema=0.9",
-                         "sample.after_train=false"))
+    proc = run(
+        tiny_args(
+            tmp_path,
+            data_cache,
+            "train.max_steps=3",
+            "train.eval_interval=0",
+            "optim.ema=0.9",
+            "sample.after_train=false",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw_out, ema_out = tmp_path / "raw", tmp_path / "ema"
     for extra, out in ((["--raw"], raw_out), ([], ema_out)):
-        conv = run([sys.executable, "tools/convert.py", "--input", str(tmp_path / "ckpt"), "--output", str(out),
-                    *extra])
+        conv = run(
+            [sys.executable, "tools/convert.py", "--input", str(tmp_path / "ckpt"), "--output", str(out), *extra]
+        )
         assert conv.returncode == 0, conv.stderr
         assert "output_layer.weight" in conv.stdout and "checksum" in conv.stdout
     meta = json.loads((tmp_path / "ckpt/step_00000003/metadata.json").read_text())
     m = meta["config"]["model"]
-    tconf = build_transformer_config(num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-                                     num_heads=m["num_heads"], ffn_hidden_size=m["ffn_hidden_size"], dropout=0.0,
-                                     tp=1, pp=1)
+    tconf = build_transformer_config(
+        num_layers=m["num_layers"],
+        hidden_size=m["hidden_size"],
+        num_heads=m["num_heads"],
+        ffn_hidden_size=m["ffn_hidden_size"],
+        dropout=0.0,
+        tp=1,
+        pp=1,
+    )
     model = BD3Model(tconf, BD3Spec(meta["vocab_size"], meta["mask_token_id"], m["seq_len"], m["block_size"])).eval()
     saved = load_file(tmp_path / "ckpt/step_00000003/model_tp00_pp00.pt")
     for out, tensors in ((raw_out, saved["model"]), (ema_out, saved["ema"]["shadow"])):
@@ -446,21 +493,37 @@ def test_trainer_cli_checkpoint_converts_and_samples(mcore, data_cache, tmp_path
                 p.copy_(tensors[name])
         net = build_net(load_checkpoint(out).config, load_checkpoint(out).state)
         x0 = torch.randint(0, meta["vocab_size"] - 1, (2, m["seq_len"]), generator=torch.Generator().manual_seed(0))
-        xt = torch.where(torch.rand(2, m["seq_len"], generator=torch.Generator().manual_seed(1)) < 0.5,
-                         meta["mask_token_id"], x0)
+        xt = torch.where(
+            torch.rand(2, m["seq_len"], generator=torch.Generator().manual_seed(1)) < 0.5, meta["mask_token_id"], x0
+        )
         torch.testing.assert_close(net.bd3_logits(xt, x0), megatron_logits(model, xt, x0), rtol=1e-5, atol=1e-5)
-    smp = run([sys.executable, "tools/sample.py", "--checkpoint", str(ema_out), "--num-samples", "2", "--length",
-               "16", "--no-progress"])
+    smp = run(
+        [
+            sys.executable,
+            "tools/sample.py",
+            "--checkpoint",
+            str(ema_out),
+            "--num-samples",
+            "2",
+            "--length",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert smp.returncode == 0, smp.stderr
     assert smp.stdout.count("--- sample") == 2 and "network calls" in smp.stdout
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--length", "0"], "--length must be >= 1, got 0"),
-    (["--block-size", "0"], "--block-size must be >= 1, got 0"),
-    (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
-    (["--block-size", "BIG"], "is larger than the model's context of"),
-], ids=["length0", "block0", "block_negative", "block_beyond_context"])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--length", "0"], "--length must be >= 1, got 0"),
+        (["--block-size", "0"], "--block-size must be >= 1, got 0"),
+        (["--block-size", "-4"], "--block-size must be >= 1, got -4"),
+        (["--block-size", "BIG"], "is larger than the model's context of"),
+    ],
+    ids=["length0", "block0", "block_negative", "block_beyond_context"],
+)
 def test_sample_cli_refuses_zero_sizes_and_a_block_beyond_the_context(native, capsys, flags, message):
     """issue 14: 0 is refused, not silently replaced by the default; a block longer than the context names that."""
     from tools import sample

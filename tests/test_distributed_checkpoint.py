@@ -1,4 +1,5 @@
 """Multi-rank checkpoints: exact resume under ZeRO/TP/PP, refusal of mismatched layouts."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ from tests.dist_workers import resume_and_continue, save_then_continue
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("layout", [(1, 1, 2, 1), (2, 1, 1, 0), (1, 2, 1, 0)],
-                         ids=lambda l: "tp{}_pp{}_dp{}_zero{}".format(*l))
+@pytest.mark.parametrize(
+    "layout", [(1, 1, 2, 1), (2, 1, 1, 0), (1, 2, 1, 0)], ids=lambda l: "tp{}_pp{}_dp{}_zero{}".format(*l)
+)
 def test_resume_continues_bit_identically(layout, data_cache, tmp_path):
     world = layout[0] * layout[1] * layout[2]
     ref = run_ranks(save_then_continue, world, layout, data_cache, str(tmp_path))
@@ -30,9 +32,11 @@ def test_resume_with_another_layout_is_refused(data_cache, tmp_path):
         run_ranks(resume_and_continue, 1, (1, 1, 1, 1), data_cache, str(tmp_path))
 
 
-@pytest.mark.parametrize("saved,loaded", [((2, 2, 1, 0), (1, 1, 1, 0)), ((1, 1, 1, 0), (2, 1, 1, 0)),
-                                          ((2, 1, 1, 0), (1, 2, 1, 0))],
-                         ids=["tp2pp2_to_1", "1_to_tp2", "tp2_to_pp2"])
+@pytest.mark.parametrize(
+    "saved,loaded",
+    [((2, 2, 1, 0), (1, 1, 1, 0)), ((1, 1, 1, 0), (2, 1, 1, 0)), ((2, 1, 1, 0), (1, 2, 1, 0))],
+    ids=["tp2pp2_to_1", "1_to_tp2", "tp2_to_pp2"],
+)
 def test_weights_reshard_across_layouts(saved, loaded, data_cache, tmp_path):
     from tests.dist_workers import reshard_and_eval, save_and_eval
 

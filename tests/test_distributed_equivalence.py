@@ -1,4 +1,5 @@
 """Invariant 4: every TP×PP×DP×ZeRO layout trains like the single process (same losses, same weights)."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,16 @@ def reference(data_cache, tmp_path_factory):
     return res[0], merge_full_weights(res)
 
 
-LAYOUTS = [(2, 1, 1, 0), (1, 2, 1, 0), (1, 1, 2, 1), (1, 1, 2, 2), (2, 2, 1, 0), (2, 1, 2, 1), (1, 2, 2, 1),
-           (1, 1, 2, 0)]
+LAYOUTS = [
+    (2, 1, 1, 0),
+    (1, 2, 1, 0),
+    (1, 1, 2, 1),
+    (1, 1, 2, 2),
+    (2, 2, 1, 0),
+    (2, 1, 2, 1),
+    (1, 2, 2, 1),
+    (1, 1, 2, 0),
+]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "tp{}_pp{}_dp{}_zero{}".format(*l))
@@ -42,7 +51,10 @@ def test_layout_matches_single_process(layout, reference, data_cache, tmp_path):
     # data-parallel replicas hold identical weights
     for r in results:
         if r["dp_rank"] != 0:
-            twin = next(o for o in results if o["dp_rank"] == 0 and o["tp_rank"] == r["tp_rank"]
-                        and o["pp_rank"] == r["pp_rank"])
+            twin = next(
+                o
+                for o in results
+                if o["dp_rank"] == 0 and o["tp_rank"] == r["tp_rank"] and o["pp_rank"] == r["pp_rank"]
+            )
             for name, t in r["params"].items():
                 assert torch.equal(t, twin["params"][name]), name

@@ -1,4 +1,5 @@
 """The global gradient norm (fp32 partial norms, fp64 sum) against an all-fp64 reference."""
+
 from __future__ import annotations
 
 import torch

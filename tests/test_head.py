@@ -1,4 +1,5 @@
 """The fused, chunked head + cross-entropy against the plain route (linear, SUBS -inf fill, full-vocab CE)."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ The network here is the standalone BD3Net with random weights (its equality with
 test_convert.py); weights are scaled up so that the distributions are far from uniform and the tests can tell
 samplers apart.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,15 @@ import math
 import pytest
 import torch
 
-from bd3_megatron.sampling.kv_sampler import (CachedDenoiser, RecomputeDenoiser, SampleOptions, _nucleus, generate,
-                                              propose, token_entropy)
+from bd3_megatron.sampling.kv_sampler import (
+    CachedDenoiser,
+    RecomputeDenoiser,
+    SampleOptions,
+    _nucleus,
+    generate,
+    propose,
+    token_entropy,
+)
 from bd3_megatron.sampling.net import BD3Net, NetConfig, build_net
 from tests.helpers import sorted_nucleus_filter
 
@@ -21,8 +29,16 @@ PROMPT = [1, 2, 3, 4, 5, 6]  # one full block of 4 plus a 2-token tail that the 
 
 
 def make_net(layers: int = 2, seq_len: int = 32, block: int = 4, seed: int = 0, scale: float = 0.4) -> BD3Net:
-    cfg = NetConfig(num_layers=layers, hidden_size=32, num_heads=4, ffn_hidden_size=64, vocab_size=VOCAB,
-                    mask_token_id=MASK, seq_len=seq_len, block_size=block)
+    cfg = NetConfig(
+        num_layers=layers,
+        hidden_size=32,
+        num_heads=4,
+        ffn_hidden_size=64,
+        vocab_size=VOCAB,
+        mask_token_id=MASK,
+        seq_len=seq_len,
+        block_size=block,
+    )
     net = build_net(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -107,8 +123,9 @@ def test_kv_cache_equals_no_cache_from_an_empty_context(greedy):
     net = make_net(scale=0.02)
     for seed in range(3):
         opts = dict(length=24, block_size=8, schedule="threshold", greedy=greedy, threshold=0.99, seed=seed)
-        assert tokens(generate(net, 2, SampleOptions(kv_cache=True, **opts))) == \
-            tokens(generate(net, 2, SampleOptions(kv_cache=False, **opts)))
+        assert tokens(generate(net, 2, SampleOptions(kv_cache=True, **opts))) == tokens(
+            generate(net, 2, SampleOptions(kv_cache=False, **opts))
+        )
 
 
 @pytest.mark.parametrize("kv_cache", [True, False])
@@ -148,8 +165,9 @@ def test_shift_keys_equals_rotation_at_the_earlier_position(net):
     pos = torch.tensor([9, 10, 11])
     cos, sin = net.rotary(pos)
     cos2, sin2 = net.rotary(pos - 4)
-    torch.testing.assert_close(net.shift_keys(net._rope(k, cos, sin), 4), net._rope(k, cos2, sin2),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        net.shift_keys(net._rope(k, cos, sin), 4), net._rope(k, cos2, sin2), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_ddpm_reuses_the_x0_prediction_when_nothing_changes(net):
@@ -169,13 +187,15 @@ def test_first_hitting_reveals_one_token_per_forward(net):
 def test_threshold_decoding_reveals_confident_tokens_together():
     confident = torch.full((VOCAB,), -20.0)
     confident[7] = 10.0
-    out = generate(constant_net(confident), 2, SampleOptions(length=16, schedule="threshold", threshold=0.9),
-                   prompt=PROMPT[:4])
+    out = generate(
+        constant_net(confident), 2, SampleOptions(length=16, schedule="threshold", threshold=0.9), prompt=PROMPT[:4]
+    )
     assert [r.nfe for r in out.results] == [4, 4]  # one pass per block of 4
     assert all(r.generated == [7] * 16 for r in out.results)
     flat = torch.zeros(VOCAB)  # uniform: nothing is confident, so exactly one token per pass
-    out = generate(constant_net(flat), 2, SampleOptions(length=16, schedule="threshold", threshold=0.9),
-                   prompt=PROMPT[:4])
+    out = generate(
+        constant_net(flat), 2, SampleOptions(length=16, schedule="threshold", threshold=0.9), prompt=PROMPT[:4]
+    )
     assert [r.nfe for r in out.results] == [16, 16]
 
 
@@ -204,8 +224,7 @@ def test_variable_length_stops_each_sequence_at_its_first_eos():
 def test_variable_length_stops_when_the_entropy_of_the_last_window_collapses():
     logits = torch.full((VOCAB,), -30.0)
     logits[5] = 0.0  # always token 5: entropy 0
-    out = generate(constant_net(logits), 1, SampleOptions(length=400, seed=0, var_length=True, eos_id=0),
-                   prompt=[0])
+    out = generate(constant_net(logits), 1, SampleOptions(length=400, seed=0, var_length=True, eos_id=0), prompt=[0])
     r = out.results[0]
     assert r.stop == "entropy"
     # the prompt token opens the first block, so lengths are multiples of 4; checked after every block, the
@@ -213,8 +232,12 @@ def test_variable_length_stops_when_the_entropy_of_the_last_window_collapses():
     assert len(r.tokens) == 260 - 256
     varied = torch.full((VOCAB,), -30.0)
     varied[1:59] = 0.0  # 58 equally likely tokens: ~3.9 nats over 256 draws, well above a 3-nat floor
-    out = generate(constant_net(varied), 1, SampleOptions(length=300, seed=0, var_length=True, eos_id=0,
-                                                          entropy_min=3.0), prompt=[0])
+    out = generate(
+        constant_net(varied),
+        1,
+        SampleOptions(length=300, seed=0, var_length=True, eos_id=0, entropy_min=3.0),
+        prompt=[0],
+    )
     assert out.results[0].stop == "length" and len(out.results[0].generated) == 300
 
 
@@ -236,8 +259,9 @@ def test_proposals_follow_the_nucleus_distribution():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]))
     draws = propose(logits.expand(40000, 5), torch.Generator().manual_seed(0), 0.8, greedy=False)
     freq = torch.bincount(draws, minlength=5).double() / 40000
-    torch.testing.assert_close(freq, torch.tensor([0.4, 0.3, 0.15, 0.0, 0.0], dtype=torch.float64) / 0.85,
-                               atol=0.01, rtol=0)
+    torch.testing.assert_close(
+        freq, torch.tensor([0.4, 0.3, 0.15, 0.0, 0.0], dtype=torch.float64) / 0.85, atol=0.01, rtol=0
+    )
     assert torch.equal(propose(logits[None], torch.Generator(), 1.0, greedy=True), torch.tensor([0]))
 
 
@@ -246,8 +270,16 @@ def test_token_entropy():
     assert token_entropy([1, 2, 3, 4]) == pytest.approx(math.log(4))
 
 
-@pytest.mark.parametrize("bad", [dict(length=0), dict(length=4, schedule="beam"), dict(length=4, nucleus_p=0.0),
-                                 dict(length=4, threshold=1.0), dict(length=4, steps=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(length=0),
+        dict(length=4, schedule="beam"),
+        dict(length=4, nucleus_p=0.0),
+        dict(length=4, threshold=1.0),
+        dict(length=4, steps=0),
+    ],
+)
 def test_bad_options_are_refused(net, bad):
     with pytest.raises(ValueError):
         generate(net, 1, SampleOptions(**bad))

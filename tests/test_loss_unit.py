@@ -1,4 +1,5 @@
 """Schedule, SUBS parameterisation and NELBO bookkeeping on hand-checkable examples."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,15 @@ import math
 import pytest
 import torch
 
-from bd3_megatron.diffusion import (ClipWindow, LogLinearSchedule, get_schedule, nelbo_from_token_ce, nelbo_sum,
-                                    subs_log_probs, token_nelbo)
+from bd3_megatron.diffusion import (
+    ClipWindow,
+    LogLinearSchedule,
+    get_schedule,
+    nelbo_from_token_ce,
+    nelbo_sum,
+    subs_log_probs,
+    token_nelbo,
+)
 
 SCHED = get_schedule("loglinear")
 

@@ -1,5 +1,6 @@
 """The BD3 mask: dense mask, clean-stream mask, density and FlexAttention BlockMask against a brute-force reference
 written from the definition (pure Python, independent of mask_mod)."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,10 +44,10 @@ def test_semantics_on_a_concrete_layout():
     for b in range(L // d):
         rows = slice(b * d, (b + 1) * d)
         own = torch.zeros(L, dtype=torch.bool)
-        own[b * d:(b + 1) * d] = True
+        own[b * d : (b + 1) * d] = True
         assert m[rows, noisy].equal(own.expand(d, L))  # noisy block b sees exactly noisy block b
         sees_clean = torch.zeros(L, dtype=torch.bool)
-        sees_clean[:b * d] = True
+        sees_clean[: b * d] = True
         assert m[rows, clean].equal(sees_clean.expand(d, L))  # and exactly the clean blocks < b
         clean_rows = slice(L + b * d, L + (b + 1) * d)
         assert m[clean_rows, clean].equal(torch.arange(L).lt((b + 1) * d).expand(d, L))  # clean: blocks <= b
@@ -91,12 +92,27 @@ needs_flex = pytest.mark.skipif(not masks.flex_available(), reason="FlexAttentio
 
 
 @needs_flex
-@pytest.mark.parametrize("seq_len,block_size,tile", [
-    (128, 4, 128), (128, 16, 128), (128, 128, 128), (256, 4, 128), (256, 128, 128), (256, 256, 128),
-    (64, 4, 128), (64, 16, 128), (64, 64, 128), (64, 4, 32), (64, 16, 16), (96, 8, 128), (192, 64, 64)])
+@pytest.mark.parametrize(
+    "seq_len,block_size,tile",
+    [
+        (128, 4, 128),
+        (128, 16, 128),
+        (128, 128, 128),
+        (256, 4, 128),
+        (256, 128, 128),
+        (256, 256, 128),
+        (64, 4, 128),
+        (64, 16, 128),
+        (64, 64, 128),
+        (64, 4, 32),
+        (64, 16, 16),
+        (96, 8, 128),
+        (192, 64, 64),
+    ],
+)
 def test_flex_block_mask_lets_through_exactly_bd3_mask(seq_len, block_size, tile):
     bm = masks.flex_block_mask(seq_len, block_size, "cpu", block_tile=tile)
-    assert bm.BLOCK_SIZE == (tile, tile)
+    assert (tile, tile) == bm.BLOCK_SIZE
     eff = masks.effective_dense(bm, masks.make_mask_mod(seq_len, block_size), 2 * seq_len)
     assert eff.equal(masks.bd3_mask(seq_len, block_size))
     assert masks.effective_dense(bm).equal(eff)  # defaults: the BlockMask's own mask_mod and length

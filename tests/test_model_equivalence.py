@@ -1,4 +1,5 @@
 """The vectorised x_t ⊕ x0 forward against independent references on a tiny megatron-core model (fp32)."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,16 +31,28 @@ def test_vectorised_loss_equals_naive_per_block_loop(mcore, seq_len, block_size)
     torch.manual_seed(0)
     model = tiny_model(seq_len, block_size)
     x0 = random_tokens(3, seq_len)
-    c = corrupt(x0, torch.arange(3), step=0, seed=5, block_size=block_size, window=ClipWindow(0.2, 0.9),
-                mask_token_id=MASK_ID, global_batch_size=3)
+    c = corrupt(
+        x0,
+        torch.arange(3),
+        step=0,
+        seed=5,
+        block_size=block_size,
+        window=ClipWindow(0.2, 0.9),
+        mask_token_id=MASK_ID,
+        global_batch_size=3,
+    )
     assert c.masked.any() and (~c.masked).any()
     with torch.no_grad():
         fast = model(c.xt, x0, c.masked).ce
         slow = naive_block_ce(tiny_model(seq_len, block_size, noisy_half_last_layer=False), c.xt, x0, block_size)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     sched = get_schedule("loglinear")
-    torch.testing.assert_close(nelbo_from_token_ce(fast, c.masked, c.t_tokens, sched),
-                               nelbo_from_token_ce(slow, c.masked, c.t_tokens, sched), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        nelbo_from_token_ce(fast, c.masked, c.t_tokens, sched),
+        nelbo_from_token_ce(slow, c.masked, c.t_tokens, sched),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_block_size_one_with_window_one_is_autoregressive_nll(mcore):
@@ -47,8 +60,16 @@ def test_block_size_one_with_window_one_is_autoregressive_nll(mcore):
     seq_len = 12
     model = tiny_model(seq_len, block_size=1)
     x0 = random_tokens(2, seq_len, seed=3)
-    c = corrupt(x0, torch.arange(2), step=0, seed=1, block_size=1, window=ClipWindow(1.0, 1.0),
-                mask_token_id=MASK_ID, global_batch_size=2)
+    c = corrupt(
+        x0,
+        torch.arange(2),
+        step=0,
+        seed=1,
+        block_size=1,
+        window=ClipWindow(1.0, 1.0),
+        mask_token_id=MASK_ID,
+        global_batch_size=2,
+    )
     assert c.masked.all() and torch.all(c.t == 1.0)
     with torch.no_grad():
         nelbo = nelbo_from_token_ce(model(c.xt, x0, c.masked).ce, c.masked, c.t_tokens, get_schedule("loglinear"))
@@ -87,8 +108,16 @@ def test_flex_forward_equals_sdpa_on_cpu(mcore):
     sdpa = tiny_model(128, 8, backend="sdpa")
     flex = tiny_model(128, 8, backend="flex")
     x0 = random_tokens(2, 128, seed=7)
-    c = corrupt(x0, torch.arange(2), step=3, seed=2, block_size=8, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=2)
+    c = corrupt(
+        x0,
+        torch.arange(2),
+        step=3,
+        seed=2,
+        block_size=8,
+        window=ClipWindow(),
+        mask_token_id=MASK_ID,
+        global_batch_size=2,
+    )
     with torch.no_grad():
         torch.testing.assert_close(flex(c.xt, x0, c.masked).ce, sdpa(c.xt, x0, c.masked).ce, rtol=1e-4, atol=1e-5)
 
@@ -118,8 +147,16 @@ def test_noisy_half_last_layer_equals_the_full_layer_on_the_noisy_half(mcore):
     layer whose clean-half rows are thrown away."""
     fast, full = tiny_model(16, 4), tiny_model(16, 4, noisy_half_last_layer=False)
     x0 = random_tokens(3, 16, seed=11)
-    c = corrupt(x0, torch.arange(3), step=2, seed=4, block_size=4, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=3)
+    c = corrupt(
+        x0,
+        torch.arange(3),
+        step=2,
+        seed=4,
+        block_size=4,
+        window=ClipWindow(),
+        mask_token_id=MASK_ID,
+        global_batch_size=3,
+    )
     weight = torch.where(c.masked, 1.0 / c.t_tokens, torch.zeros_like(c.t_tokens))
     h_fast, seq = fast._bd3_hidden(c.xt, x0)
     h_full, _ = full._bd3_hidden(c.xt, x0)
@@ -138,8 +175,16 @@ def test_recomputed_layers_give_the_same_loss_and_gradients(mcore, dropout):
     """model.recompute (non-reentrant checkpoint of each layer) changes memory, not math: same loss and every
     gradient, dropout included (the recomputation replays the same dropout draws)."""
     x0 = random_tokens(3, 16, seed=5)
-    c = corrupt(x0, torch.arange(3), step=1, seed=8, block_size=4, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=3)
+    c = corrupt(
+        x0,
+        torch.arange(3),
+        step=1,
+        seed=8,
+        block_size=4,
+        window=ClipWindow(),
+        mask_token_id=MASK_ID,
+        global_batch_size=3,
+    )
     weight = torch.where(c.masked, 1.0 / c.t_tokens, torch.zeros_like(c.t_tokens))
     grads, losses = [], []
     for recompute in (False, True):
@@ -160,10 +205,19 @@ def test_recomputation_takes_the_flex_block_mask(mcore):
     checkpoint still runs, with the BlockMask among its arguments, and gives the eager CE."""
     recomputed, plain = tiny_model(128, 8, backend="flex", recompute=True), tiny_model(128, 8, backend="flex")
     x0 = random_tokens(2, 128, seed=3)
-    c = corrupt(x0, torch.arange(2), step=0, seed=1, block_size=8, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=2)
+    c = corrupt(
+        x0,
+        torch.arange(2),
+        step=0,
+        seed=1,
+        block_size=8,
+        window=ClipWindow(),
+        mask_token_id=MASK_ID,
+        global_batch_size=2,
+    )
     for model in (recomputed, plain):
         model.train().requires_grad_(False)
     with torch.enable_grad():
-        torch.testing.assert_close(recomputed(c.xt, x0, c.masked).ce, plain(c.xt, x0, c.masked).ce, rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            recomputed(c.xt, x0, c.masked).ce, plain(c.xt, x0, c.masked).ce, rtol=1e-5, atol=1e-6
+        )

@@ -1,4 +1,5 @@
 """Keyed noise: a pure function of (seed, global sample index, block/position, step), never of batch or rank."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,16 @@ import math
 import pytest
 import torch
 
-from bd3_megatron.diffusion import (ClipWindow, corrupt, keyed_hash, keyed_uniform, resample_blocks, sample_mask,
-                                    sample_t, window_feasible)
+from bd3_megatron.diffusion import (
+    ClipWindow,
+    corrupt,
+    keyed_hash,
+    keyed_uniform,
+    resample_blocks,
+    sample_mask,
+    sample_t,
+    window_feasible,
+)
 
 MASK = 99
 
@@ -19,6 +28,7 @@ def corrupt_kw(**over):
 
 
 # ---- keyed_uniform ----
+
 
 def test_keyed_uniform_is_a_deterministic_float32_function_of_its_keys():
     keys = torch.arange(1000)
@@ -42,19 +52,22 @@ def test_keyed_uniform_is_a_deterministic_float32_function_of_its_keys():
 def test_keyed_uniform_is_uniform_and_adjacent_keys_are_independent():
     n = 100_000
     u = keyed_uniform(3, 7, torch.arange(n))
-    assert 0.0 <= u.min() and u.max() < 1.0
+    assert u.min() >= 0.0 and u.max() < 1.0
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
     ks = ((torch.arange(1, n + 1, dtype=torch.float64) / n) - u.double().sort().values).abs().max().item()
     assert ks < 1.63 / math.sqrt(n)  # Kolmogorov-Smirnov at the 1% level
-    for x, y in [(u[:-1], u[1:]),  # neighbouring last key
-                 (keyed_uniform(3, 7, torch.arange(n), 0), keyed_uniform(3, 7, torch.arange(n), 1)),  # next key
-                 (keyed_uniform(3, 7, torch.arange(n)), keyed_uniform(4, 7, torch.arange(n)))]:  # next seed
+    for x, y in [
+        (u[:-1], u[1:]),  # neighbouring last key
+        (keyed_uniform(3, 7, torch.arange(n), 0), keyed_uniform(3, 7, torch.arange(n), 1)),  # next key
+        (keyed_uniform(3, 7, torch.arange(n)), keyed_uniform(4, 7, torch.arange(n))),
+    ]:  # next seed
         assert abs(torch.corrcoef(torch.stack([x, y]))[0, 1].item()) < 0.01
     grid = keyed_uniform(0, 1, torch.arange(256)[:, None], torch.arange(256)[None, :])
     assert (grid.mean(0) - 0.5).abs().max() < 0.07 and (grid.mean(1) - 0.5).abs().max() < 0.07
 
 
 # ---- t ----
+
 
 def test_t_lies_in_the_window_and_t_equal_one_is_exact():
     for window in (ClipWindow(), ClipWindow(0.3, 0.8), ClipWindow(0.5, 0.5)):
@@ -64,8 +77,12 @@ def test_t_lies_in_the_window_and_t_equal_one_is_exact():
             assert t.min() >= window.eps_min and t.max() <= window.eps_max
     t1 = sample_t(0, torch.arange(32), 0, 4, ClipWindow(1.0, 1.0), 32)
     assert torch.all(t1 == 1.0)
-    c = corrupt(torch.zeros(2, 8, dtype=torch.long), torch.arange(2), 0, **corrupt_kw(block_size=2,
-                window=ClipWindow(1.0, 1.0), global_batch_size=2))
+    c = corrupt(
+        torch.zeros(2, 8, dtype=torch.long),
+        torch.arange(2),
+        0,
+        **corrupt_kw(block_size=2, window=ClipWindow(1.0, 1.0), global_batch_size=2),
+    )
     assert torch.all(c.t == 1.0) and c.masked.all() and torch.all(c.xt == MASK)
 
 
@@ -91,10 +108,14 @@ def test_t_without_antithetic_is_unstratified_but_uniform():
 
 # ---- batch and layout invariance ----
 
+
 def test_same_sample_same_noise_whatever_the_batch():
     x0 = torch.randint(0, MASK, (8, 32), generator=torch.Generator().manual_seed(0))
-    for kw in (corrupt_kw(), corrupt_kw(window=ClipWindow(0.25, 0.75), resample=True, max_tries=3),
-               corrupt_kw(antithetic=False)):
+    for kw in (
+        corrupt_kw(),
+        corrupt_kw(window=ClipWindow(0.25, 0.75), resample=True, max_tries=3),
+        corrupt_kw(antithetic=False),
+    ):
         full = corrupt(x0, torch.arange(8), 5, **kw)
         for subset in ([5, 2], [7, 0, 3], [4], [1, 0, 2, 3, 4, 5, 6, 7]):
             idx = torch.tensor(subset)
@@ -106,8 +127,10 @@ def test_same_sample_same_noise_whatever_the_batch():
 def test_different_steps_and_seeds_give_different_noise():
     x0 = torch.zeros(8, 64, dtype=torch.long)
     base = corrupt(x0, torch.arange(8), 5, **corrupt_kw())
-    for other in (corrupt(x0, torch.arange(8), 6, **corrupt_kw()),
-                  corrupt(x0, torch.arange(8), 5, **corrupt_kw(seed=12))):
+    for other in (
+        corrupt(x0, torch.arange(8), 6, **corrupt_kw()),
+        corrupt(x0, torch.arange(8), 5, **corrupt_kw(seed=12)),
+    ):
         assert not torch.equal(other.t, base.t) and not torch.equal(other.masked, base.masked)
     t_u = keyed_uniform(11, 0x51A7, 5, torch.arange(8)[:, None], torch.arange(16)[None, :])
     m_u = keyed_uniform(11, 0x3C6E, 5, torch.arange(8)[:, None], torch.arange(16)[None, :])
@@ -115,6 +138,7 @@ def test_different_steps_and_seeds_give_different_noise():
 
 
 # ---- the mask ----
+
 
 def test_mask_rate_follows_t():
     x0 = torch.zeros(64, 256, dtype=torch.long)
@@ -174,26 +198,32 @@ def test_infeasible_window_is_an_error():
     with pytest.raises(ValueError, match="admits no masked-token count"):
         resample_blocks(0, torch.arange(2), 0, torch.full((2, 4), 0.5), 1, ClipWindow(0.3, 0.8))
     with pytest.raises(ValueError, match="admits no masked-token count"):
-        corrupt(torch.zeros(2, 4, dtype=torch.long), torch.arange(2), 0,
-                **corrupt_kw(block_size=1, window=ClipWindow(0.3, 0.8), global_batch_size=2, resample=True))
+        corrupt(
+            torch.zeros(2, 4, dtype=torch.long),
+            torch.arange(2),
+            0,
+            **corrupt_kw(block_size=1, window=ClipWindow(0.3, 0.8), global_batch_size=2, resample=True),
+        )
 
 
 def test_ignore_bos():
     x0 = torch.arange(32).view(4, 8)
-    c = corrupt(x0, torch.arange(4), 0, **corrupt_kw(window=ClipWindow(1.0, 1.0), global_batch_size=4,
-                                                     ignore_bos=True))
+    c = corrupt(x0, torch.arange(4), 0, **corrupt_kw(window=ClipWindow(1.0, 1.0), global_batch_size=4, ignore_bos=True))
     assert not c.masked[:, 0].any() and c.masked[:, 1:].all()
     assert torch.equal(c.xt[:, 0], x0[:, 0]) and torch.all(c.xt[:, 1:] == MASK)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(x0=torch.ones(1, 6, dtype=torch.long)), "not a multiple"),
-    (dict(x0=torch.ones(6, dtype=torch.long)), r"\[batch, seq_len\]"),
-    (dict(x0=torch.ones(1, 8)), "integer"),
-    (dict(sample_index=torch.arange(2)), "shape"),
-    (dict(sample_index=torch.zeros(1)), "integers"),
-    (dict(global_batch_size=0), "global_batch_size"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(x0=torch.ones(1, 6, dtype=torch.long)), "not a multiple"),
+        (dict(x0=torch.ones(6, dtype=torch.long)), r"\[batch, seq_len\]"),
+        (dict(x0=torch.ones(1, 8)), "integer"),
+        (dict(sample_index=torch.arange(2)), "shape"),
+        (dict(sample_index=torch.zeros(1)), "integers"),
+        (dict(global_batch_size=0), "global_batch_size"),
+    ],
+)
 def test_bad_inputs_are_rejected(bad, match):
     args = dict(x0=torch.ones(1, 8, dtype=torch.long), sample_index=torch.arange(1))
     args.update({k: v for k, v in bad.items() if k in args})
@@ -216,6 +246,7 @@ def test_cuda_noise_is_bit_identical_to_cpu():
 
 # ---- validation batches ----
 
+
 class _Rows:
     """A validation split: ``rows(idx) -> [b, L]`` like the data pipeline's readers (wrapped: no padding)."""
 
@@ -235,8 +266,10 @@ def _eval_rows(maker, rows, n_rows: int, batch: int, draw: int = 0) -> tuple[dic
     """Every micro-batch of ``batch`` slots over the first n_rows rows, and the concatenation of their real rows."""
     import numpy as np
 
-    out = [maker.eval_batch(rows, np.arange(s, s + batch), n_rows, ClipWindow(), noise_draw=draw)
-           for s in range(0, n_rows, batch)]
+    out = [
+        maker.eval_batch(rows, np.arange(s, s + batch), n_rows, ClipWindow(), noise_draw=draw)
+        for s in range(0, n_rows, batch)
+    ]
     fields = ("x0", "xt", "masked", "weight", "t", "sample_index")
     return {f: torch.cat([getattr(b, f)[b.valid] for b in out]) for f in fields}, out
 

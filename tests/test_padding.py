@@ -1,6 +1,7 @@
 """`--pad` data: padding is known per row, travels with the global-index stream, and reaches neither the loss, its
 gradients, the validation NELBO nor the clip-search block estimates (the reference masks LM1B padding the same way).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ def padded_rows(lengths: list[int], seed: int = 0, bos: int = 3) -> torch.Tensor
     x = torch.where(x == PAD, x + 1, x)
     x[:, 0] = bos
     for i, n in enumerate(lengths):
-        x[i, n - 1:] = PAD
+        x[i, n - 1 :] = PAD
     return x
 
 
@@ -57,8 +58,17 @@ def test_prepared_pad_rows_carry_their_padding_through_the_stream(tmp_path):
     (tmp_path / "docs").mkdir()
     for i, t in enumerate(texts):
         (tmp_path / "docs" / f"{i}.txt").write_text(t)
-    prepare(PrepareSettings(input=str(tmp_path / "docs"), output=str(tmp_path / "out"), tokenizer=tok.name,
-                            seq_len=SEQ, pack="pad", val_docs=1, progress=False))
+    prepare(
+        PrepareSettings(
+            input=str(tmp_path / "docs"),
+            output=str(tmp_path / "out"),
+            tokenizer=tok.name,
+            seq_len=SEQ,
+            pack="pad",
+            val_docs=1,
+            progress=False,
+        )
+    )
     rows = open_rows(str(tmp_path / "out"), "train", tok.name, SEQ)
     assert rows.pad_token_id == tok.eos_token_id
     stream = ShuffledStream(rows, seed=3)
@@ -95,8 +105,9 @@ def test_padding_values_change_neither_loss_nor_gradients(mcore, mode):
     lengths = [16, 9, 6, 2]
     clean = padded_rows(lengths)
     padding = padding_mask(clean, PAD)
-    garbage = torch.where(padding, torch.randint(0, VOCAB, clean.shape, generator=torch.Generator().manual_seed(5)),
-                          clean)
+    garbage = torch.where(
+        padding, torch.randint(0, VOCAB, clean.shape, generator=torch.Generator().manual_seed(5)), clean
+    )
     maker, idx = batch_maker(mode), torch.arange(4)
     a = maker.corrupt(clean, idx, 3, padding=padding)
     b = maker.corrupt(garbage, idx, 3, padding=padding)
@@ -176,12 +187,21 @@ def test_padded_flex_forward_equals_padded_sdpa_on_cpu(mcore):
     sdpa, flex = tiny_model(seq, block, backend="sdpa"), tiny_model(seq, block, backend="flex")
     x0 = random_tokens(2, seq, seed=7)
     padding = torch.arange(seq)[None, :] >= torch.tensor([[37], [128]])
-    c = corrupt(x0, torch.arange(2), step=3, seed=2, block_size=block, window=ClipWindow(), mask_token_id=MASK_ID,
-                global_batch_size=2)
+    c = corrupt(
+        x0,
+        torch.arange(2),
+        step=3,
+        seed=2,
+        block_size=block,
+        window=ClipWindow(),
+        mask_token_id=MASK_ID,
+        global_batch_size=2,
+    )
     masked = c.masked & ~padding
     with torch.no_grad():
-        torch.testing.assert_close(flex(c.xt, x0, masked, None, padding).ce, sdpa(c.xt, x0, masked, None, padding).ce,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            flex(c.xt, x0, masked, None, padding).ce, sdpa(c.xt, x0, masked, None, padding).ce, rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -196,14 +216,32 @@ def test_trainer_on_pad_data_trains_evaluates_and_searches(tmp_path, data_cache)
     lines = [ln.strip() for f in embedded_corpus_files()[:3] for ln in f.read_text().splitlines() if ln.strip()]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": ln}) + "\n" for ln in lines))
     shards = tmp_path / "pad"
-    manifest = prepare(PrepareSettings(input=str(tmp_path / "docs.jsonl"), output=str(shards),
-                                       tokenizer="bert-base-uncased", seq_len=32, pack="pad", val_docs=16,
-                                       progress=False))
+    manifest = prepare(
+        PrepareSettings(
+            input=str(tmp_path / "docs.jsonl"),
+            output=str(shards),
+            tokenizer="bert-base-uncased",
+            seq_len=32,
+            pack="pad",
+            val_docs=16,
+            progress=False,
+        )
+    )
     assert manifest["splits"]["train"]["truncated_docs"] < manifest["splits"]["train"]["docs"]  # real padding
-    proc = run(tiny_args(tmp_path, data_cache, f"data.path={shards}", "data.tokenizer=bert-base-uncased",
-                         "train.max_steps=6", "train.eval_interval=3", "diffusion.clip_search=true",
-                         "diffusion.clip_search_widths=[0.5]", "diffusion.clip_search_delta=0.25",
-                         "sample.after_train=false"))
+    proc = run(
+        tiny_args(
+            tmp_path,
+            data_cache,
+            f"data.path={shards}",
+            "data.tokenizer=bert-base-uncased",
+            "train.max_steps=6",
+            "train.eval_interval=3",
+            "diffusion.clip_search=true",
+            "diffusion.clip_search_widths=[0.5]",
+            "diffusion.clip_search_delta=0.25",
+            "sample.after_train=false",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = metrics(tmp_path / "log")
     assert all(np.isfinite(recs[s]["loss"]) for s in range(1, 7))

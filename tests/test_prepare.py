@@ -33,8 +33,9 @@ def sotu(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(src: Path | str, out: Path, **kw) -> PrepareSettings:
-    base = dict(input=str(src), output=str(out), tokenizer=TOK, seq_len=SEQ, val_docs=3, shard_bytes=16 << 10,
-                progress=False)
+    base = dict(
+        input=str(src), output=str(out), tokenizer=TOK, seq_len=SEQ, val_docs=3, shard_bytes=16 << 10, progress=False
+    )
     return PrepareSettings(**{**base, **kw})
 
 
@@ -44,8 +45,11 @@ def _stream(docs: list[str]) -> np.ndarray:
 
 
 def _shard_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != "manifest.json"}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
 
 
 def _without_build(manifest: dict) -> dict:
@@ -162,8 +166,10 @@ def test_parquet_folder_input_matches_txt(tmp_path: Path, txt_reference) -> None
 def test_saved_hf_dataset_input_matches_txt(tmp_path: Path, txt_reference) -> None:
     datasets = pytest.importorskip("datasets")
     docs = _docs(8)
-    splits = {"train": datasets.Dataset.from_dict({"content": docs}),
-              "test": datasets.Dataset.from_dict({"content": docs[:2]})}
+    splits = {
+        "train": datasets.Dataset.from_dict({"content": docs}),
+        "test": datasets.Dataset.from_dict({"content": docs[:2]}),
+    }
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hf"))
     _assert_same_as_reference(tmp_path / "hf", "content", tmp_path / "out", txt_reference)
     _assert_same_as_reference(f"hf:{tmp_path / 'hf'}", "content", tmp_path / "out2", txt_reference)
@@ -179,9 +185,16 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
     (src / "b_empty.txt").write_text(" \n\t ")
     (src / "c_binary.txt").write_bytes(b"\x7fELF\x02\x01\x00\x00garbage")
     (src / "d_latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
-    lines = [json.dumps({"text": good[1]}), "{not json", json.dumps({"body": "no text key"}),
-             json.dumps({"text": 7}), json.dumps(["a list"]), json.dumps({"text": ""}), "",
-             json.dumps({"text": good[2]})]
+    lines = [
+        json.dumps({"text": good[1]}),
+        "{not json",
+        json.dumps({"body": "no text key"}),
+        json.dumps({"text": 7}),
+        json.dumps(["a list"]),
+        json.dumps({"text": ""}),
+        "",
+        json.dumps({"text": good[2]}),
+    ]
     (src / "e.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "caf\xe9"}\n')
     (src / "f_ok.jsonl").write_text(json.dumps({"text": good[3]}) + "\n")
     full = gzip.compress((json.dumps({"text": good[4]}) + "\n" + json.dumps({"text": good[5]}) + "\n").encode() * 50)
@@ -192,8 +205,14 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
     docs = list(iter_input_documents(str(src), skipped=skipped))
     assert docs[:4] == [good[0], good[1], good[2], good[3]]
     assert len(docs) > 4 and set(docs[4:]) <= {good[4], good[5]}  # what precedes the gzip cut is kept
-    assert skipped.counts == {"empty": 2, "binary": 1, "undecodable": 2, "bad_record": 4, "unreadable": 1,
-                              "no_tokens": 0}  # counted by prepare, after tokenizing
+    assert skipped.counts == {
+        "empty": 2,
+        "binary": 1,
+        "undecodable": 2,
+        "bad_record": 4,
+        "unreadable": 1,
+        "no_tokens": 0,
+    }  # counted by prepare, after tokenizing
     assert any("c_binary.txt" in e for e in skipped.examples)
 
     manifest = prepare(_settings(src, tmp_path / "out", seq_len=16, val_docs=1))

@@ -1,5 +1,6 @@
 """Issue 14: one run per checkpoint folder, resume compatibility, preemption under torchrun (real runs of the tiny
 config, as in test_train_e2e)."""
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,10 @@ def test_second_run_on_the_same_checkpoint_dir_is_refused_and_a_killed_runs_lock
         second = run(tiny_args(tmp_path, data_cache, "train.max_steps=2", *common, f"log.dir={tmp_path / 'log2'}"))
         assert second.returncode == 2, second.stderr[-2000:]
         line = last_error(second)
-        assert line.startswith(f"error: checkpoint.dir {tmp_path / 'ckpt'} is in use by another run (host "
-                               f"{socket.gethostname()}, pid {first.pid}, started "), line
+        assert line.startswith(
+            f"error: checkpoint.dir {tmp_path / 'ckpt'} is in use by another run (host "
+            f"{socket.gethostname()}, pid {first.pid}, started "
+        ), line
         assert not (tmp_path / "log2" / "metrics.jsonl").exists()  # refused before any work
     finally:
         first.send_signal(signal.SIGKILL)
@@ -73,8 +76,10 @@ def test_second_run_on_the_same_checkpoint_dir_is_refused_and_a_killed_runs_lock
     assert (tmp_path / "ckpt" / LOCK_NAME).exists()  # SIGKILL left the file; the kernel dropped the flock
     third = run(tiny_args(tmp_path, data_cache, "train.max_steps=1", *common))
     assert third.returncode == 0, third.stderr[-2000:]
-    assert f"taking over a stale run lock of {tmp_path / 'ckpt'} (left by host {socket.gethostname()}, pid " \
-           f"{first.pid}," in third.stdout
+    assert (
+        f"taking over a stale run lock of {tmp_path / 'ckpt'} (left by host {socket.gethostname()}, pid "
+        f"{first.pid}," in third.stdout
+    )
     assert not (tmp_path / "ckpt" / LOCK_NAME).exists()  # released (deleted) on a clean exit
 
 
@@ -84,13 +89,18 @@ def test_resume_refuses_changed_shapes_meaning_seed_and_data_unless_allowed(tmp_
     ckpt = tmp_path / "ckpt" / "step_00000002"
     refused = [
         # shape: today a size-mismatch traceback
-        (["model.ffn_hidden_size=128"], "was trained with model.ffn_hidden_size=256 but this run has "
-                                        "model.ffn_hidden_size=128; resume with model.ffn_hidden_size=256"),
+        (
+            ["model.ffn_hidden_size=128"],
+            "was trained with model.ffn_hidden_size=256 but this run has "
+            "model.ffn_hidden_size=128; resume with model.ffn_hidden_size=256",
+        ),
         # meaning: today bd3 weights silently continued as an AR model
         (["model.mode=ar"], "was trained with model.mode=bd3 but this run has model.mode=ar"),
         (["train.seed=2"], "train.seed=1 but this run has train.seed=2: noise and data order would not continue"),
-        (["data.val_docs=9"], "was trained on other data than this run's (data.path 'embedded:sotu' -> "
-                              "'embedded:sotu': train_docs"),
+        (
+            ["data.val_docs=9"],
+            "was trained on other data than this run's (data.path 'embedded:sotu' -> 'embedded:sotu': train_docs",
+        ),
         (["parallel.zero_stage=1"], "was saved with parallel.zero_stage=0 but this run has parallel.zero_stage=1"),
     ]
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
@@ -100,16 +110,38 @@ def test_resume_refuses_changed_shapes_meaning_seed_and_data_unless_allowed(tmp_
         line = last_error(proc)
         assert line.startswith(f"error: {ckpt} ") and message in line, (extra, line)
         assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before  # nothing written
-    seed = run(tiny_args(tmp_path, data_cache, "train.max_steps=3", *common, "train.seed=2",
-                         "checkpoint.allow_changes=[train.seed]"))
+    seed = run(
+        tiny_args(
+            tmp_path, data_cache, "train.max_steps=3", *common, "train.seed=2", "checkpoint.allow_changes=[train.seed]"
+        )
+    )
     assert seed.returncode == 0, seed.stderr[-2000:]
     assert "note: train.seed 1 -> 2 (checkpoint.allow_changes)" in seed.stdout and "at step 2" in seed.stdout
-    data = run(tiny_args(tmp_path, data_cache, "train.max_steps=4", *common, "train.seed=2", "data.val_docs=9",
-                         "checkpoint.allow_changes=[train.seed, data.path]"))
+    data = run(
+        tiny_args(
+            tmp_path,
+            data_cache,
+            "train.max_steps=4",
+            *common,
+            "train.seed=2",
+            "data.val_docs=9",
+            "checkpoint.allow_changes=[train.seed, data.path]",
+        )
+    )
     assert data.returncode == 0, data.stderr[-2000:]
     assert "note: training data changed" in data.stdout and "at step 3" in data.stdout
-    zero = run(tiny_args(tmp_path, data_cache, "train.max_steps=5", *common, "train.seed=2", "data.val_docs=9",
-                         "parallel.zero_stage=1", "checkpoint.reshard=true"))
+    zero = run(
+        tiny_args(
+            tmp_path,
+            data_cache,
+            "train.max_steps=5",
+            *common,
+            "train.seed=2",
+            "data.val_docs=9",
+            "parallel.zero_stage=1",
+            "checkpoint.reshard=true",
+        )
+    )
     assert zero.returncode == 0, zero.stderr[-2000:]
     assert "at step 4 (weights and EMA loaded, fresh optimizer state: ZeRO stage 0 -> 1)" in zero.stdout
 
@@ -117,11 +149,27 @@ def test_resume_refuses_changed_shapes_meaning_seed_and_data_unless_allowed(tmp_
 def test_torchrun_wrapper_turns_sigterm_and_sigusr1_into_checkpoint_and_exit_0(tmp_path, data_cache):
     """2-process torchrun (dp=2, ZeRO-1) under launcher.torchrun: SIGTERM, then on the resumed run SIGUSR1, to the
     launcher each end with a checkpoint and exit 0, and the next launch resumes from it (requeue-safe)."""
+
     def launch(max_steps: int) -> list[str]:
-        args = tiny_args(tmp_path, data_cache, f"train.max_steps={max_steps}", "train.eval_interval=0",
-                         "checkpoint.interval=0", "sample.after_train=false", "parallel.zero_stage=1")
-        return [sys.executable, "-m", "launcher.torchrun", "--nproc-per-node", "2", "--master-port",
-                str(_free_port()), *args[1:]]
+        args = tiny_args(
+            tmp_path,
+            data_cache,
+            f"train.max_steps={max_steps}",
+            "train.eval_interval=0",
+            "checkpoint.interval=0",
+            "sample.after_train=false",
+            "parallel.zero_stage=1",
+        )
+        return [
+            sys.executable,
+            "-m",
+            "launcher.torchrun",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            *args[1:],
+        ]
 
     latest = tmp_path / "ckpt" / "latest"
     saved = 0

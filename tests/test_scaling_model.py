@@ -1,12 +1,25 @@
 """bench/scaling_model.py: the cost formulas against hand-computed values, and every collective the real gloo training
 step makes (DeepSpeed ZeRO-1/2 gradients and parameters, megatron TP all-reduces, pipeline p2p, our scalars) against
 the model's prediction, byte for byte, at 2 and 4 processes."""
+
 from __future__ import annotations
 
 import pytest
 
-from bench.scaling_model import (GLOO_LAYOUTS, Layout, Links, ModelShape, allgather_time, allreduce_time,
-                                 bubble_fraction, format_check, gloo_check, group_link, main, step_time)
+from bench.scaling_model import (
+    GLOO_LAYOUTS,
+    Layout,
+    Links,
+    ModelShape,
+    allgather_time,
+    allreduce_time,
+    bubble_fraction,
+    format_check,
+    gloo_check,
+    group_link,
+    main,
+    step_time,
+)
 
 SHAPE = ModelShape(layers=12, hidden=768, ffn=3072, vocab=50258, seq_len=1024, mean_t=0.5)
 

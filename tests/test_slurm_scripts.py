@@ -4,6 +4,7 @@ The real proof is scripts/ci_slurm.sh on a local Slurm cluster; these catch the 
 directives that do not match the recipe's parallel layout, undocumented environment variables, scripts whose shared
 launch block drifted apart, and launcher arguments the config schema rejects.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def directives(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         if line.startswith("#SBATCH "):
-            key, _, value = line[len("#SBATCH "):].partition("=")
+            key, _, value = line[len("#SBATCH ") :].partition("=")
             out[key.removeprefix("--")] = value
     return out
 
@@ -42,15 +43,23 @@ def header(text: str) -> str:
 
 def run_script(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_"))}
-    return subprocess.run(["bash", str(ROOT / script), *args], env={**base, **env}, capture_output=True, text=True,
-                          cwd="/", timeout=30)
+    return subprocess.run(
+        ["bash", str(ROOT / script), *args], env={**base, **env}, capture_output=True, text=True, cwd="/", timeout=30
+    )
 
 
 def fake_allocation(nodes: int, per_node: int, gpus: int | None) -> dict[str, str]:
     """The variables Slurm sets in a batch job (names and formats as in Slurm 22.05)."""
-    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NTASKS": str(nodes * per_node),
-           "SLURM_CPUS_PER_TASK": "8", "SLURM_JOB_NODELIST": f"gpu[001-{nodes:03d}]", "SLURM_SUBMIT_DIR": str(ROOT),
-           "MASTER_ADDR": "gpu001", "DRY_RUN": "1"}
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NTASKS": str(nodes * per_node),
+        "SLURM_CPUS_PER_TASK": "8",
+        "SLURM_JOB_NODELIST": f"gpu[001-{nodes:03d}]",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "MASTER_ADDR": "gpu001",
+        "DRY_RUN": "1",
+    }
     if gpus is not None:
         env["SLURM_GPUS_ON_NODE"] = str(gpus)
     return env
@@ -59,7 +68,7 @@ def fake_allocation(nodes: int, per_node: int, gpus: int | None) -> dict[str, st
 def launcher_argv(stdout: str) -> list[str]:
     line = next(ln for ln in stdout.splitlines() if " -m launcher.train " in ln)
     words = shlex.split(line.split("] ", 1)[1])
-    return words[words.index("launcher.train") + 1:]
+    return words[words.index("launcher.train") + 1 :]
 
 
 def config_from_argv(argv: list[str]):
@@ -67,8 +76,9 @@ def config_from_argv(argv: list[str]):
     return load_config(ROOT / argv[1], argv[2:])
 
 
-@pytest.mark.parametrize("script", [*ALL_SCRIPTS, "slurm/launch.sh", "scripts/ci_slurm.sh",
-                                    "scripts/slurm_local_cluster.sh"])
+@pytest.mark.parametrize(
+    "script", [*ALL_SCRIPTS, "slurm/launch.sh", "scripts/ci_slurm.sh", "scripts/slurm_local_cluster.sh"]
+)
 def test_bash_syntax(script):
     res = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -133,8 +143,12 @@ def test_outside_slurm_is_a_clear_error():
 def test_dry_run_builds_a_valid_launch(script, tmp_path):
     config, gpus_total, micro = GPU_SCRIPTS[script]
     nodes = gpus_total // 8
-    env = {**fake_allocation(nodes, 8, 8), "RUN_DIR": str(tmp_path / "run"), "DATA_PATH": str(tmp_path / "data"),
-           "WANDB_PROJECT": "bd3"}
+    env = {
+        **fake_allocation(nodes, 8, 8),
+        "RUN_DIR": str(tmp_path / "run"),
+        "DATA_PATH": str(tmp_path / "data"),
+        "WANDB_PROJECT": "bd3",
+    }
     res = run_script(script, env, "optim.lr=1e-4")
     assert res.returncode == 0, res.stderr
     assert f"{nodes} nodes x 8 tasks" in res.stdout and "master gpu001:" in res.stdout
@@ -147,10 +161,13 @@ def test_dry_run_builds_a_valid_launch(script, tmp_path):
     assert cfg.parallel.device == "auto"
 
 
-@pytest.mark.parametrize("per_node,gpus,message", [
-    (4, 8, "4 tasks per node but 8 GPUs per node"),
-    (8, None, "no GPUs in this allocation"),
-])
+@pytest.mark.parametrize(
+    "per_node,gpus,message",
+    [
+        (4, 8, "4 tasks per node but 8 GPUs per node"),
+        (8, None, "no GPUs in this allocation"),
+    ],
+)
 def test_gpu_allocation_mismatch_is_refused(per_node, gpus, message):
     res = run_script("slurm/owt_l4_128gpu.sh", fake_allocation(16, per_node, gpus))
     assert res.returncode == 2 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
@@ -164,4 +181,3 @@ def test_tiny_cpu_dry_run_forces_cpu(tmp_path):
     cfg = config_from_argv(launcher_argv(res.stdout))
     assert cfg.parallel.device == "cpu" and cfg.data.tokenizer == "bert-base-uncased"
     assert validate_layout(cfg, 2) == 2
-

@@ -36,8 +36,19 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         shutil.copy(f, root / "src" / f.name)
     out = {}
     for name, fmt, comp in [("mds", "mds", None), ("zstd", "mds", "zstd"), ("wds", "wds", None)]:
-        prepare(PrepareSettings(input=str(root / "src"), output=str(root / name), format=fmt, compression=comp,
-                                tokenizer=TOK, seq_len=SEQ, val_docs=2, shard_bytes=16 << 10, progress=False))
+        prepare(
+            PrepareSettings(
+                input=str(root / "src"),
+                output=str(root / name),
+                format=fmt,
+                compression=comp,
+                tokenizer=TOK,
+                seq_len=SEQ,
+                val_docs=2,
+                shard_bytes=16 << 10,
+                progress=False,
+            )
+        )
         out[name] = root / name
     return out
 
@@ -62,8 +73,11 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_tokenizer_seq_len_and_vocab_mismatch_refused_at_start(prepared: dict[str, Path], fmt: str) -> None:
     path = str(prepared[fmt])
-    with pytest.raises(ValueError, match=r"tokenizer 'bert-base-uncased' but the config asks for 'gpt2'.*"
-                                         r"data\.tokenizer=bert-base-uncased.*--tokenizer gpt2"):
+    with pytest.raises(
+        ValueError,
+        match=r"tokenizer 'bert-base-uncased' but the config asks for 'gpt2'.*"
+        r"data\.tokenizer=bert-base-uncased.*--tokenizer gpt2",
+    ):
         open_rows(path, "train", "gpt2", SEQ)
     with pytest.raises(ValueError, match=r"seq_len 32 but the config asks for 64.*model\.seq_len=32.*--seq-len 64"):
         open_rows(path, "train", TOK, 64)
@@ -75,17 +89,48 @@ def test_tokenizer_seq_len_and_vocab_mismatch_refused_at_start(prepared: dict[st
 
 def test_streaming_reader_refuses_mismatch(prepared: dict[str, Path], tmp_path: Path, clean_shm: None) -> None:
     with pytest.raises(ValueError, match="seq_len 32 but the config asks for 128"):
-        StreamingReader(str(prepared["mds"]), "train", local=str(tmp_path / "c"), expect_tokenizer=TOK,
-                        expect_seq_len=128, global_batch_size=G, seed=SEED)
+        StreamingReader(
+            str(prepared["mds"]),
+            "train",
+            local=str(tmp_path / "c"),
+            expect_tokenizer=TOK,
+            expect_seq_len=128,
+            global_batch_size=G,
+            seed=SEED,
+        )
     with pytest.raises(ValueError, match="reads MDS shards"):
-        StreamingReader(str(prepared["wds"]), "train", local=str(tmp_path / "c2"), expect_tokenizer=TOK,
-                        expect_seq_len=SEQ, global_batch_size=G, seed=SEED)
+        StreamingReader(
+            str(prepared["wds"]),
+            "train",
+            local=str(tmp_path / "c2"),
+            expect_tokenizer=TOK,
+            expect_seq_len=SEQ,
+            global_batch_size=G,
+            seed=SEED,
+        )
     with pytest.raises(ValueError, match="multiple of dp=3"):
-        StreamingReader(str(prepared["mds"]), "train", local=str(tmp_path / "c3"), expect_tokenizer=TOK,
-                        expect_seq_len=SEQ, global_batch_size=G, seed=SEED, dp=3)
+        StreamingReader(
+            str(prepared["mds"]),
+            "train",
+            local=str(tmp_path / "c3"),
+            expect_tokenizer=TOK,
+            expect_seq_len=SEQ,
+            global_batch_size=G,
+            seed=SEED,
+            dp=3,
+        )
     with pytest.raises(ValueError, match="num_canonical_nodes=2 must be a multiple of dp=4"):
-        StreamingReader(str(prepared["mds"]), "train", local=str(tmp_path / "c4"), expect_tokenizer=TOK,
-                        expect_seq_len=SEQ, global_batch_size=G, seed=SEED, dp=4, num_canonical_nodes=2)
+        StreamingReader(
+            str(prepared["mds"]),
+            "train",
+            local=str(tmp_path / "c4"),
+            expect_tokenizer=TOK,
+            expect_seq_len=SEQ,
+            global_batch_size=G,
+            seed=SEED,
+            dp=4,
+            num_canonical_nodes=2,
+        )
 
 
 def test_missing_and_corrupt_mds_shards_are_named(prepared: dict[str, Path], tmp_path: Path) -> None:
@@ -176,8 +221,9 @@ def _set_manifest_hash(root: Path, split: str, file: str, key: str = "xxh64") ->
 
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
-def test_overwritten_shard_refused_at_open_unless_verification_is_off(prepared: dict[str, Path], tmp_path: Path,
-                                                                      fmt: str) -> None:
+def test_overwritten_shard_refused_at_open_unless_verification_is_off(
+    prepared: dict[str, Path], tmp_path: Path, fmt: str
+) -> None:
     """Same-size garbage inside a token row: the hash refuses the shard at open, naming it and both hashes; with
     verification off it opens, and the vocabulary guard refuses the row when it is read, naming shard and row."""
     root = _copy(prepared[fmt], tmp_path)
@@ -195,23 +241,28 @@ def test_overwritten_shard_refused_at_open_unless_verification_is_off(prepared: 
     assert actual != entry["xxh64"]
 
     name = re.escape(entry["file"])
-    with pytest.raises(ValueError, match=rf"shard {name} of the train split is corrupt: its xxh64 is {actual}, the "
-                                         rf"manifest says {entry['xxh64']} .*re-copy \(re-download\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"shard {name} of the train split is corrupt: its xxh64 is {actual}, the "
+        rf"manifest says {entry['xxh64']} .*re-copy \(re-download\)",
+    ):
         open_rows(str(root), "train", TOK, SEQ)
     with pytest.raises(ValueError, match=rf"shard {name} of the train split"):  # the trainer's switch, default on
         build_datasets(str(root), get_tokenizer(TOK), SEQ, val_docs=2, cache_dir=None)
 
     rows = open_rows(str(root), "train", TOK, SEQ, verify=False)  # the hash is not read
     first = manifest["splits"]["train"]["shards"][0]["rows"]
-    good = np.r_[0:first + 5, first + 6:len(rows)]
+    good = np.r_[0 : first + 5, first + 6 : len(rows)]
     assert rows.rows(good).max() < 30522  # every other row still reads
-    with pytest.raises(ValueError, match=rf"shard {name} of the train split \(.*\) row 5 holds token id 65535 at "
-                                         r"position 7, outside the vocabulary \[0, 30522\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"shard {name} of the train split \(.*\) row 5 holds token id 65535 at "
+        r"position 7, outside the vocabulary \[0, 30522\)",
+    ):
         rows.rows(np.array([3, first + 5]))
 
 
-def test_out_of_vocabulary_id_behind_a_matching_hash_refused_at_open(prepared: dict[str, Path],
-                                                                     tmp_path: Path) -> None:
+def test_out_of_vocabulary_id_behind_a_matching_hash_refused_at_open(prepared: dict[str, Path], tmp_path: Path) -> None:
     """Ids past the vocabulary in a shard whose manifest hash was recomputed: the scan at open names shard and row."""
     root = _copy(prepared["mds"], tmp_path)
     shard = root / "val" / "shard.00000.mds"
@@ -220,9 +271,12 @@ def test_out_of_vocabulary_id_behind_a_matching_hash_refused_at_open(prepared: d
     data[at : at + 2] = (30522).to_bytes(2, "little")  # the first id past the BERT vocabulary
     shard.write_bytes(bytes(data))
     _set_manifest_hash(root, "val", shard.name)
-    with pytest.raises(ValueError, match=r"shard shard\.00000\.mds of the val split \(.*\) row 2 holds token id "
-                                         r"30522 at position 31, outside the vocabulary \[0, 30522\).*re-run "
-                                         r"data_pipeline\.prepare"):
+    with pytest.raises(
+        ValueError,
+        match=r"shard shard\.00000\.mds of the val split \(.*\) row 2 holds token id "
+        r"30522 at position 31, outside the vocabulary \[0, 30522\).*re-run "
+        r"data_pipeline\.prepare",
+    ):
         open_rows(str(root), "val", TOK, SEQ)
     val = open_rows(str(root), "val", TOK, SEQ, verify=False)  # no scan at open; the rows read are still checked
     assert val.rows(np.array([0, 1, 3])).shape == (3, SEQ)
@@ -239,8 +293,11 @@ def test_damaged_decompressed_cache_is_rebuilt_when_verifying(prepared: dict[str
     data = bytearray(raw.read_bytes())
     data[_mds_row_at(raw, 0) : _mds_row_at(raw, 0) + 2] = b"\xff\xff"
     raw.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"shard shard\.00000\.mds\.zstd of the train split .* row 0 holds token "
-                                         r"id 65535 at position 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"shard shard\.00000\.mds\.zstd of the train split .* row 0 holds token "
+        r"id 65535 at position 0",
+    ):
         open_rows(str(prepared["zstd"]), "train", TOK, SEQ, cache_dir=str(cache), verify=False).rows(np.arange(1))
     rebuilt = open_rows(str(prepared["zstd"]), "train", TOK, SEQ, cache_dir=str(cache))
     np.testing.assert_array_equal(rebuilt.rows(np.arange(len(rebuilt))), everything)
@@ -248,8 +305,9 @@ def test_damaged_decompressed_cache_is_rebuilt_when_verifying(prepared: dict[str
 
 
 @pytest.mark.slow
-def test_training_run_refuses_a_damaged_shard_in_one_line(prepared: dict[str, Path], tmp_path: Path,
-                                                          data_cache: str) -> None:
+def test_training_run_refuses_a_damaged_shard_in_one_line(
+    prepared: dict[str, Path], tmp_path: Path, data_cache: str
+) -> None:
     """launcher.train: a damaged shard is one `error:` line and exit 2 before any step; with data.verify_shards=false
     the run opens the shards and the vocabulary guard stops it at the first read of the bad row (the initial eval)."""
     from tests.test_train_e2e import run, tiny_args
@@ -260,13 +318,19 @@ def test_training_run_refuses_a_damaged_shard_in_one_line(prepared: dict[str, Pa
     data[_mds_row_at(shard, 0) : _mds_row_at(shard, 0) + 2] = b"\xff\xff"
     shard.write_bytes(bytes(data))
     common = (f"data.path={root}", "train.max_steps=1", "sample.after_train=false")
-    for verify, want in (("true", r"shard shard\.00000\.mds of the val split is corrupt: its xxh64 is [0-9a-f]+, the "
-                                  r"manifest says [0-9a-f]+"),
-                         ("false", r"shard shard\.00000\.mds of the val split \(.*\) row 0 holds token id 65535")):
+    for verify, want in (
+        (
+            "true",
+            r"shard shard\.00000\.mds of the val split is corrupt: its xxh64 is [0-9a-f]+, the "
+            r"manifest says [0-9a-f]+",
+        ),
+        ("false", r"shard shard\.00000\.mds of the val split \(.*\) row 0 holds token id 65535"),
+    ):
         out = run(tiny_args(tmp_path / verify, data_cache, *common, f"data.verify_shards={verify}"))
         assert out.returncode == 2, out.stderr[-3000:]
-        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == \
-            [out.stderr.strip().splitlines()[-1]]
+        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
+            out.stderr.strip().splitlines()[-1]
+        ]
         assert re.search(want, out.stderr.strip().splitlines()[-1])
         assert not (tmp_path / verify / "ckpt").exists() or not any((tmp_path / verify / "ckpt").iterdir())
 
@@ -280,8 +344,9 @@ def test_build_datasets_dispatches_on_the_manifest(prepared: dict[str, Path], tm
     assert isinstance(train, ShardRows) and isinstance(val, ShardRows)
     assert (info["train_rows"], info["val_rows"], info["val_docs"]) == (len(train), len(val), 2)
     assert info["prepared_format"] == "mds" and json.loads(json.dumps(info)) == info  # checkpoint metadata
-    text_train, text_val, text_info = build_datasets(str(prepared["mds"].parent / "src"), tok, SEQ, val_docs=2,
-                                                     cache_dir=None)
+    text_train, text_val, text_info = build_datasets(
+        str(prepared["mds"].parent / "src"), tok, SEQ, val_docs=2, cache_dir=None
+    )
     assert isinstance(text_train, InMemoryRows) and "prepared_format" not in text_info
     np.testing.assert_array_equal(train.rows(np.arange(len(train))), text_train.data)
     np.testing.assert_array_equal(val.rows(np.arange(len(val))), text_val.data)
@@ -312,16 +377,25 @@ np.savez(a["out"], **out)
 """
 
 
-def test_mid_epoch_resume_in_a_fresh_process_is_exact(prepared: dict[str, Path], tmp_path: Path,
-                                                      clean_shm: None) -> None:
+def test_mid_epoch_resume_in_a_fresh_process_is_exact(
+    prepared: dict[str, Path], tmp_path: Path, clean_shm: None
+) -> None:
     rows = open_rows(str(prepared["mds"]), "train", TOK, SEQ)
     steps_per_epoch = len(rows) // G
     resume_step, end_step = steps_per_epoch - 3, steps_per_epoch + 4  # resume mid-epoch, run past its end
 
     stream = ShuffledStream(rows, seed=SEED)
     global_batches = [stream.get(np.arange(s * G, (s + 1) * G)).numpy() for s in range(end_step)]
-    reader = StreamingReader(str(prepared["mds"]), "train", local=str(tmp_path / "ref"), expect_tokenizer=TOK,
-                             expect_seq_len=SEQ, global_batch_size=G, seed=SEED, num_canonical_nodes=2)
+    reader = StreamingReader(
+        str(prepared["mds"]),
+        "train",
+        local=str(tmp_path / "ref"),
+        expect_tokenizer=TOK,
+        expect_seq_len=SEQ,
+        global_batch_size=G,
+        seed=SEED,
+        num_canonical_nodes=2,
+    )
     assert reader.steps_per_epoch == steps_per_epoch
     streamed, state = [], None
     for step in range(end_step):
@@ -330,11 +404,22 @@ def test_mid_epoch_resume_in_a_fresh_process_is_exact(prepared: dict[str, Path],
         streamed.append(reader.next_batch())
     assert state["consumed_samples"] == resume_step * G and reader.epoch == 1
 
-    args = {"mds": str(prepared["mds"]), "wds": str(prepared["wds"]), "tok": TOK, "seq": SEQ, "seed": SEED, "G": G,
-            "resume_step": resume_step, "end_step": end_step, "state": state, "local": str(tmp_path / "restart"),
-            "out": str(tmp_path / "resumed.npz")}
-    proc = subprocess.run([sys.executable, "-c", _RESTART, json.dumps(args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    args = {
+        "mds": str(prepared["mds"]),
+        "wds": str(prepared["wds"]),
+        "tok": TOK,
+        "seq": SEQ,
+        "seed": SEED,
+        "G": G,
+        "resume_step": resume_step,
+        "end_step": end_step,
+        "state": state,
+        "local": str(tmp_path / "restart"),
+        "out": str(tmp_path / "resumed.npz"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESTART, json.dumps(args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = np.load(tmp_path / "resumed.npz")
     np.testing.assert_array_equal(resumed["mds"], np.stack(global_batches[resume_step:]))
@@ -354,14 +439,19 @@ def test_global_index_dp2_union_equals_dp1(prepared: dict[str, Path]) -> None:
     micro = 2
     for step in (0, 7, len(stream.dataset) // G):  # includes a step that straddles the epoch boundary
         dp1 = stream.get(np.arange(step * G, (step + 1) * G)).numpy()
-        ranks = [np.concatenate([stream.get(sample_indices(step, m, r, 2, micro, G)).numpy()
-                                 for m in range(G // (2 * micro))]) for r in range(2)]
+        ranks = [
+            np.concatenate(
+                [stream.get(sample_indices(step, m, r, 2, micro, G)).numpy() for m in range(G // (2 * micro))]
+            )
+            for r in range(2)
+        ]
         assert _as_set(np.concatenate(ranks)) == _as_set(dp1)
         assert not set(map(tuple, ranks[0].tolist())) & set(map(tuple, ranks[1].tolist()))
 
 
-def test_streaming_reader_dp2_union_equals_dp1_and_resumes_elastically(prepared: dict[str, Path], tmp_path: Path,
-                                                                       clean_shm: None) -> None:
+def test_streaming_reader_dp2_union_equals_dp1_and_resumes_elastically(
+    prepared: dict[str, Path], tmp_path: Path, clean_shm: None
+) -> None:
     kw = dict(expect_tokenizer=TOK, expect_seq_len=SEQ, global_batch_size=G, seed=SEED, num_canonical_nodes=2)
     path = str(prepared["mds"])
     one = StreamingReader(path, "val", local=str(tmp_path / "one"), **kw)
@@ -386,7 +476,9 @@ def test_streaming_reader_dp2_union_equals_dp1_and_resumes_elastically(prepared:
         assert _as_set(np.concatenate([r.next_batch() for r in resumed])) == _as_set(ref[step]), step
 
     with pytest.raises(ValueError, match="global_batch_size=8 but this reader has 16"):
-        StreamingReader(path, "val", local=str(tmp_path / "bad"), **{**kw, "global_batch_size": 16}).load_state_dict(state)
+        StreamingReader(path, "val", local=str(tmp_path / "bad"), **{**kw, "global_batch_size": 16}).load_state_dict(
+            state
+        )
     val = open_rows(path, "val", TOK, SEQ)
     assert set(map(tuple, np.concatenate(ref).tolist())) <= set(map(tuple, val.rows(np.arange(len(val))).tolist()))
 

@@ -1,12 +1,18 @@
 """Clip-window search: the estimator, the grid, the search, and layout independence on a real model."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from bd3_megatron.diffusion.schedule import ClipWindow
-from bd3_megatron.diffusion.variance import (block_means, clip_window_grid, search_clip_window, variance_score,
-                                             window_label)
+from bd3_megatron.diffusion.variance import (
+    block_means,
+    clip_window_grid,
+    search_clip_window,
+    variance_score,
+    window_label,
+)
 
 
 def test_variance_score_closed_form():
@@ -71,9 +77,10 @@ def test_live_statistics_are_exact_pooled_moments(mcore):
     """The trainer's per-step block statistics equal a direct computation on the same reports."""
     from bd3_megatron.training.trainer import Trainer
 
-    reports = [{"block_losses": torch.tensor([[1.0, 2.0], [3.0, 10.0]]), "block_t": torch.tensor([[0.05, 0.5],
-                                                                                                   [0.55, 0.99]])},
-               {"block_losses": torch.tensor([[4.0, 6.0]]), "block_t": torch.tensor([[0.51, 0.02]])}]
+    reports = [
+        {"block_losses": torch.tensor([[1.0, 2.0], [3.0, 10.0]]), "block_t": torch.tensor([[0.05, 0.5], [0.55, 0.99]])},
+        {"block_losses": torch.tensor([[4.0, 6.0]]), "block_t": torch.tensor([[0.51, 0.02]])},
+    ]
     fake = type("T", (), {"dp": 1})()
     out = Trainer._nelbo_statistics(fake, reports)
     values = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0, 6.0], dtype=torch.float64)
@@ -92,10 +99,20 @@ def test_variance_report_renders_a_real_run(tmp_path, data_cache):
 
     from tests.test_train_e2e import ROOT, metrics, run, tiny_args
 
-    proc = run(tiny_args(tmp_path, data_cache, "train.max_steps=6", "train.eval_interval=3", "checkpoint.dir=null",
-                         "sample.after_train=false", "diffusion.clip_search=true",
-                         "diffusion.clip_search_widths=[0.5]", "diffusion.clip_search_delta=0.25",
-                         "diffusion.clip_search_interval=6"))
+    proc = run(
+        tiny_args(
+            tmp_path,
+            data_cache,
+            "train.max_steps=6",
+            "train.eval_interval=3",
+            "checkpoint.dir=null",
+            "sample.after_train=false",
+            "diffusion.clip_search=true",
+            "diffusion.clip_search_widths=[0.5]",
+            "diffusion.clip_search_delta=0.25",
+            "diffusion.clip_search_interval=6",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     recs = metrics(tmp_path / "log")
     # evaluations at 0, 3 and 6; the search only at 6 (never on the untrained model, then every 6 steps)
@@ -103,23 +120,40 @@ def test_variance_report_renders_a_real_run(tmp_path, data_cache):
     assert not any(k.startswith("clip_var/") for s in (0, 3) for k in recs[s])
     assert "nelbo_block_var" in recs[6] and any(k.startswith("loss_t/") for k in recs[6])
     assert len([k for k in recs[6] if k.startswith("clip_var/")]) == 4  # (1e-3,1) + 3 windows of width 0.5
-    rep = subprocess.run([sys.executable, "tools/variance_report.py", str(tmp_path / "log")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    rep = subprocess.run(
+        [sys.executable, "tools/variance_report.py", str(tmp_path / "log")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rep.returncode == 0, rep.stderr
     assert "grad_var" in recs[6] and recs[6]["grad_noise_ratio"] > 0  # 2 micro-batches per step: a variance exists
-    for name in ("loss.png", "block_variance.png", "gradient_variance.png", "clip_windows.png", "loss_by_t.png",
-                 "overview.png"):
+    for name in (
+        "loss.png",
+        "block_variance.png",
+        "gradient_variance.png",
+        "clip_windows.png",
+        "loss_by_t.png",
+        "overview.png",
+    ):
         png = tmp_path / "log/report" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "window" in rep.stdout.splitlines()[0] and len(rep.stdout.splitlines()) >= 3
-    bad = subprocess.run([sys.executable, "tools/variance_report.py", str(tmp_path / "nothing")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "tools/variance_report.py", str(tmp_path / "nothing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------- the variance warning
-def simulated_block_variances(steps: int, seed: int, rows: int = 8, blocks: int = 32, block_size: int = 4,
-                              blow_up=(), factor: float = 1.0) -> list[float]:
+def simulated_block_variances(
+    steps: int, seed: int, rows: int = 8, blocks: int = 32, block_size: int = 4, blow_up=(), factor: float = 1.0
+) -> list[float]:
     """Per-step variance of per-block NELBO estimates as a healthy tiny-config run (8 rows x 32 blocks of L'=4)
     produces them: antithetic t over [1e-3, 1], tokens masked with probability t, exponential token CE slowly
     falling, estimate = Σ masked CE / (t L'). Steps in ``blow_up`` have their estimates scaled by sqrt(factor)."""
@@ -129,7 +163,7 @@ def simulated_block_variances(steps: int, seed: int, rows: int = 8, blocks: int 
         t = 1e-3 + (1 - 1e-3) * (torch.randperm(n, generator=g) + torch.rand(n, generator=g)) / n
         masked = torch.rand(n, block_size, generator=g) < t[:, None]
         ce = 6.0 * (1 - s / (2 * steps)) * -torch.log(torch.rand(n, block_size, generator=g))
-        est = (masked * ce).sum(-1) / (t * block_size) * (factor ** 0.5 if s in blow_up else 1.0)
+        est = (masked * ce).sum(-1) / (t * block_size) * (factor**0.5 if s in blow_up else 1.0)
         out.append(float(est.var()))
     return out
 

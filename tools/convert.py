@@ -12,6 +12,7 @@ contribute their own (globally numbered) layers; ZeRO does not touch the model f
 dropped. EMA weights are exported by default. Bad input ends with one ``error:`` line and exit code 2; an existing
 output folder is never overwritten.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,23 +25,33 @@ if str(ROOT) not in sys.path:  # `python tools/convert.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bd3_megatron.sampling.export import save_checkpoint, summary_table, to_hf  # noqa: E402
-from bd3_megatron.sampling.training_checkpoint import (gather_training_checkpoint, read_input,  # noqa: E402,F401
-                                                       resolve_step_dir)
+from bd3_megatron.sampling.training_checkpoint import gather_training_checkpoint, read_input, resolve_step_dir  # noqa: E402,F401
 from bd3_megatron.training import checkpoint as ckpt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/convert.py", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, type=Path, help="training checkpoint (root or step dir), or a "
-                                                             "native/HF sampler folder")
+    p = argparse.ArgumentParser(
+        prog="python tools/convert.py",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="training checkpoint (root or step dir), or a native/HF sampler folder",
+    )
     p.add_argument("--step", type=int, default=None, help="step to export (default: the one 'latest' names)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--ema", dest="weights", action="store_const", const="ema", help="export EMA weights (default)")
     g.add_argument("--raw", dest="weights", action="store_const", const="raw", help="export the raw weights")
     p.add_argument("--output", required=True, type=Path, help="new folder for config.json + model.safetensors")
-    p.add_argument("--format", choices=("native", "hf"), default="native",
-                   help="native (this project) or hf (the reference bd3lms BD3LM layout)")
+    p.add_argument(
+        "--format",
+        choices=("native", "hf"),
+        default="native",
+        help="native (this project) or hf (the reference bd3lms BD3LM layout)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary table")
     return p.parse_args(argv)
 
@@ -54,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     c = ck.config
-    print(f"model: {c.num_layers} layers x {c.hidden_size} (heads {c.num_heads}, ffn {c.ffn_hidden_size}), "
-          f"L={c.seq_len} L'={c.block_size}, vocab {c.vocab_size} (mask id {c.mask_token_id}), tokenizer "
-          f"{ck.tokenizer}, clip window [{ck.clip_window[0]:g}, {ck.clip_window[1]:g}]")
+    print(
+        f"model: {c.num_layers} layers x {c.hidden_size} (heads {c.num_heads}, ffn {c.ffn_hidden_size}), "
+        f"L={c.seq_len} L'={c.block_size}, vocab {c.vocab_size} (mask id {c.mask_token_id}), tokenizer "
+        f"{ck.tokenizer}, clip window [{ck.clip_window[0]:g}, {ck.clip_window[1]:g}]"
+    )
     print(f"source: {json.dumps(ck.source, sort_keys=True)}")
     for note in ck.notes:
         print(f"note: {note}")

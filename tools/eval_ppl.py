@@ -11,6 +11,7 @@ Optionally the generative perplexity of samples (drawn with the KV-cache sampler
 tools/convert.py folder), or any local Hugging Face causal-LM folder; nothing is downloaded. Runs in one process
 (any saved TP/PP layout is merged on load).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=None, help="block size L' to evaluate with (default: training)")
     p.add_argument("--samples-per-seq", type=int, default=1, help="noise draws averaged per sequence (K)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default: training micro batch)")
-    p.add_argument("--max-rows", type=int, default=0,
-                   help="evaluate exactly the first N validation rows (0 = all; fewer if the split is shorter)")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=0,
+        help="evaluate exactly the first N validation rows (0 = all; fewer if the split is shorter)",
+    )
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--window", type=float, nargs=2, metavar=("BETA", "OMEGA"), default=None,
-                   help="clip window for the NELBO (default: unclipped, 1e-3 1)")
-    p.add_argument("--gen-ppl-model", default=None,
-                   help="scorer for generated samples: this project's ar or L'=1 bd3 checkpoint, or a local HF "
-                        "causal-LM folder")
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("BETA", "OMEGA"),
+        default=None,
+        help="clip window for the NELBO (default: unclipped, 1e-3 1)",
+    )
+    p.add_argument(
+        "--gen-ppl-model",
+        default=None,
+        help="scorer for generated samples: this project's ar or L'=1 bd3 checkpoint, or a local HF causal-LM folder",
+    )
     p.add_argument("--num-samples", type=int, default=4, help="samples for generative perplexity")
     p.add_argument("--sample-steps", type=int, default=None, help="DDPM steps per block (default: the block size)")
     p.add_argument("--nucleus-p", type=float, default=0.9, help="top-p for those samples (the reference's 0.9)")
@@ -74,8 +87,10 @@ def build_evaluator(args):
     if args.block_size:
         seq_len = raw["model"]["seq_len"]
         if args.block_size < 1 or seq_len % args.block_size:  # else the config check would name model.* keys
-            raise ValueError(f"--block-size {args.block_size} must divide the checkpoint's seq_len {seq_len}; "
-                             f"pick a divisor of {seq_len}")
+            raise ValueError(
+                f"--block-size {args.block_size} must divide the checkpoint's seq_len {seq_len}; "
+                f"pick a divisor of {seq_len}"
+            )
         raw["model"] = dict(raw["model"], block_size=args.block_size)
         if raw["sample"].get("length") and raw["sample"]["length"] % args.block_size:
             raw["sample"]["length"] = None
@@ -93,15 +108,21 @@ def build_evaluator(args):
 def incompatible_data_message(exc, cfg) -> str:
     """The fix for evaluation data that does not match the checkpoint, in eval_ppl's terms: the checkpoint fixes the
     tokenizer and seq_len, so the data has to be prepared for them (or --data left out)."""
-    prepare = (f"python -m data_pipeline.prepare --input TEXT --output DIR --tokenizer {cfg.data.tokenizer} "
-               f"--seq-len {cfg.model.seq_len}")
+    prepare = (
+        f"python -m data_pipeline.prepare --input TEXT --output DIR --tokenizer {cfg.data.tokenizer} "
+        f"--seq-len {cfg.model.seq_len}"
+    )
     fix = f"pass --data a folder prepared for it ({prepare}), or leave --data out to use the run's validation data"
     if exc.field == "tokenizer":
-        return (f"evaluation data {exc.where} was prepared with tokenizer {exc.got!r} but the checkpoint was trained "
-                f"with {exc.want!r}; {fix}")
+        return (
+            f"evaluation data {exc.where} was prepared with tokenizer {exc.got!r} but the checkpoint was trained "
+            f"with {exc.want!r}; {fix}"
+        )
     if exc.field == "seq_len":
-        return (f"evaluation data {exc.where} has rows of {exc.got} tokens but the checkpoint was trained with "
-                f"seq_len {exc.want}; {fix}")
+        return (
+            f"evaluation data {exc.where} has rows of {exc.got} tokens but the checkpoint was trained with "
+            f"seq_len {exc.want}; {fix}"
+        )
     return str(exc)
 
 
@@ -124,8 +145,13 @@ def generated_texts(path, args, device) -> tuple[list[str], list[float]]:
     tok = get_tokenizer(ck.tokenizer)
     net = build_net(ck.config, ck.state, device=device)
     block = args.block_size or ck.config.block_size
-    opts = SampleOptions(length=ck.config.seq_len - 1, block_size=block,
-                         steps=args.sample_steps, nucleus_p=args.nucleus_p, seed=args.seed)
+    opts = SampleOptions(
+        length=ck.config.seq_len - 1,
+        block_size=block,
+        steps=args.sample_steps,
+        nucleus_p=args.nucleus_p,
+        seed=args.seed,
+    )
     results = generate(net, args.num_samples, opts, prompt=[tok.eos_token_id]).results
     return [tok.decode(r.generated) for r in results], [token_entropy(r.generated) for r in results]
 
@@ -140,8 +166,11 @@ def main(argv=None) -> int:
     from bd3_megatron.parallel import state
     from bd3_megatron.training.checkpoint import CheckpointError
 
-    for flag, value, least in (("--samples-per-seq", args.samples_per_seq, 1), ("--max-rows", args.max_rows, 0),
-                               ("--batch-size", args.batch_size or 1, 1)):
+    for flag, value, least in (
+        ("--samples-per-seq", args.samples_per_seq, 1),
+        ("--max-rows", args.max_rows, 0),
+        ("--batch-size", args.batch_size or 1, 1),
+    ):
         if value < least:
             print(f"error: {flag} must be >= {least}, got {value}", file=sys.stderr)
             return 2
@@ -159,33 +188,50 @@ def main(argv=None) -> int:
                 raise ValueError("--window applies to diffusion models; an ar checkpoint's figure is its exact NLL")
             draws = nelbo_k_samples(trainer, args.samples_per_seq, window)
             nelbo = sum(draws) / len(draws)
-            result = {"checkpoint": str(path), "step": meta["step"], "block_size": trainer.cfg.model.block_size,
-                      "val_rows": trainer._val_rows_scored(),
-                      "nelbo": nelbo, "ppl": math.exp(min(nelbo, 50.0)), "bpd": nelbo / math.log(2),
-                      "samples_per_seq": args.samples_per_seq, "nelbo_draws": draws,
-                      "weights": "raw" if args.raw else "ema",
-                      "window": [window.eps_min, window.eps_max] if window else [1e-3, 1.0]}
+            result = {
+                "checkpoint": str(path),
+                "step": meta["step"],
+                "block_size": trainer.cfg.model.block_size,
+                "val_rows": trainer._val_rows_scored(),
+                "nelbo": nelbo,
+                "ppl": math.exp(min(nelbo, 50.0)),
+                "bpd": nelbo / math.log(2),
+                "samples_per_seq": args.samples_per_seq,
+                "nelbo_draws": draws,
+                "weights": "raw" if args.raw else "ema",
+                "window": [window.eps_min, window.eps_max] if window else [1e-3, 1.0],
+            }
             if args.gen_ppl_model:
                 from bd3_megatron.sampling.scorer import generative_perplexity, load_scorer
 
                 scorer = load_scorer(args.gen_ppl_model, device=trainer.device)
                 texts, entropies = generated_texts(path, args, trainer.device)
                 gen = generative_perplexity(scorer, texts)
-                result.update(gen_ppl=gen.mean, gen_ppl_token_weighted=gen.token_weighted,
-                              gen_ppl_per_sample=gen.per_sample, gen_ppl_tokens=gen.tokens, scorer=scorer.name,
-                              entropy=sum(entropies) / len(entropies), samples=texts)
+                result.update(
+                    gen_ppl=gen.mean,
+                    gen_ppl_token_weighted=gen.token_weighted,
+                    gen_ppl_per_sample=gen.per_sample,
+                    gen_ppl_tokens=gen.tokens,
+                    scorer=scorer.name,
+                    entropy=sum(entropies) / len(entropies),
+                    samples=texts,
+                )
         finally:
             state.shutdown()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     exact = window is not None and result["block_size"] == 1 and window.eps_min == window.eps_max == 1.0
-    print(f"step {result['step']}  L'={result['block_size']}  rows {result['val_rows']}  K={args.samples_per_seq}  "
-          f"window [{result['window'][0]:g}, {result['window'][1]:g}]  NELBO {result['nelbo']:.4f} nats/token  "
-          f"PPL {'=' if exact else '<='} {result['ppl']:.2f}")
+    print(
+        f"step {result['step']}  L'={result['block_size']}  rows {result['val_rows']}  K={args.samples_per_seq}  "
+        f"window [{result['window'][0]:g}, {result['window'][1]:g}]  NELBO {result['nelbo']:.4f} nats/token  "
+        f"PPL {'=' if exact else '<='} {result['ppl']:.2f}"
+    )
     if "gen_ppl" in result:
-        print(f"generative PPL {result['gen_ppl']:.2f} (mean of {args.num_samples} samples; token-weighted "
-              f"{result['gen_ppl_token_weighted']:.2f}) under {result['scorer']}  entropy {result['entropy']:.3f}")
+        print(
+            f"generative PPL {result['gen_ppl']:.2f} (mean of {args.num_samples} samples; token-weighted "
+            f"{result['gen_ppl_token_weighted']:.2f}) under {result['scorer']}  entropy {result['entropy']:.3f}"
+        )
     print(json.dumps(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))

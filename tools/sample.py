@@ -8,6 +8,7 @@ unless ``--no-bos``; by default they stop at their first EOS or when the entropy
 collapses (``--fixed-length`` always generates T tokens). Sample i always uses the random stream (seed, i), so the
 batch size changes speed, not samples. Bad input ends with one ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tools/sample.py", description="Sample from a converted BD3-LM.")
     p.add_argument("--checkpoint", required=True, type=Path, help="folder written by tools/convert.py")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--length", type=int, default=None, help="tokens to generate (cap with variable length); "
-                                                            "default: the model's context length")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="tokens to generate (cap with variable length); default: the model's context length",
+    )
     p.add_argument("--block-size", type=int, default=None, help="L' (default: the trained block size)")
     p.add_argument("--steps", type=int, default=None, help="DDPM steps per block (default: L')")
     p.add_argument("--nucleus-p", type=float, default=0.9, help="top-p (1.0 = plain sampling)")
     p.add_argument("--greedy", action="store_true", help="propose the most probable token")
     p.add_argument("--first-hitting", action="store_true", help="reveal one token per forward pass")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="confidence-threshold parallel decoding: reveal every token with probability > C")
-    p.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="exact KV cache of the clean blocks (default on)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="confidence-threshold parallel decoding: reveal every token with probability > C",
+    )
+    p.add_argument(
+        "--kv-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="exact KV cache of the clean blocks (default on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", type=str, default=None, help="text the samples continue")
     p.add_argument("--no-bos", action="store_true", help="do not start at a document boundary token")
@@ -66,6 +79,7 @@ class Progress:
             bar = "#" * int(30 * frac)
             sys.stderr.write(f"\r[{bar:<30}] {n}/{self.total} samples  {time.time() - self.t0:6.1f}s")
             sys.stderr.flush()
+
         return update
 
     def close(self) -> None:
@@ -113,15 +127,27 @@ def main(argv: list[str] | None = None) -> int:
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if block > ck.config.seq_len:
-            raise ValueError(f"--block-size {block} is larger than the model's context of {ck.config.seq_len} "
-                             f"tokens (its model.seq_len); pick a block size <= {ck.config.seq_len}")
+            raise ValueError(
+                f"--block-size {block} is larger than the model's context of {ck.config.seq_len} "
+                f"tokens (its model.seq_len); pick a block size <= {ck.config.seq_len}"
+            )
         if block != ck.config.block_size:
-            print(f"note: sampling with L'={block}; the model was trained with L'={ck.config.block_size}",
-                  file=sys.stderr)
-        opts = SampleOptions(length=length, block_size=block, schedule=schedule,
-                             steps=args.steps, threshold=args.threshold if args.threshold is not None else 0.9,
-                             nucleus_p=args.nucleus_p, greedy=args.greedy, kv_cache=args.kv_cache, seed=args.seed,
-                             var_length=not args.fixed_length, eos_id=tok.eos_token_id if tok else None)
+            print(
+                f"note: sampling with L'={block}; the model was trained with L'={ck.config.block_size}", file=sys.stderr
+            )
+        opts = SampleOptions(
+            length=length,
+            block_size=block,
+            schedule=schedule,
+            steps=args.steps,
+            threshold=args.threshold if args.threshold is not None else 0.9,
+            nucleus_p=args.nucleus_p,
+            greedy=args.greedy,
+            kv_cache=args.kv_cache,
+            seed=args.seed,
+            var_length=not args.fixed_length,
+            eos_id=tok.eos_token_id if tok else None,
+        )
         opts.validate()
         out_fh = None
         if args.output:
@@ -132,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         results, calls = [], 0
         for start in range(0, args.num_samples, args.batch_size):
             n = min(args.batch_size, args.num_samples - start)
-            stats = generate(net, n, opts, prompt=prompt or None, first_index=start,
-                             progress=progress.batch(start, n))
+            stats = generate(net, n, opts, prompt=prompt or None, first_index=start, progress=progress.batch(start, n))
             calls += stats.model_calls
             results.extend(stats.results)
         progress.close()
@@ -143,20 +168,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for r in results:
         text = tok.decode(r.generated) if tok else " ".join(map(str, r.generated))
-        print(f"--- sample {r.index}: {len(r.generated)} tokens, NFE {r.nfe}, entropy {r.entropy:.2f} nats, "
-              f"{r.tokens_per_s:.1f} tok/s, stop: {r.stop} ---")
+        print(
+            f"--- sample {r.index}: {len(r.generated)} tokens, NFE {r.nfe}, entropy {r.entropy:.2f} nats, "
+            f"{r.tokens_per_s:.1f} tok/s, stop: {r.stop} ---"
+        )
         if not args.quiet:
             print(text + "\n")
         if out_fh:
-            out_fh.write(json.dumps({"index": r.index, "text": text, "tokens": r.generated,
-                                     "prompt": r.tokens[:r.prompt_len], "length": len(r.generated), "nfe": r.nfe,
-                                     "entropy": r.entropy, "stop": r.stop, "seconds": r.seconds}) + "\n")
+            out_fh.write(
+                json.dumps(
+                    {
+                        "index": r.index,
+                        "text": text,
+                        "tokens": r.generated,
+                        "prompt": r.tokens[: r.prompt_len],
+                        "length": len(r.generated),
+                        "nfe": r.nfe,
+                        "entropy": r.entropy,
+                        "stop": r.stop,
+                        "seconds": r.seconds,
+                    }
+                )
+                + "\n"
+            )
     if out_fh:
         out_fh.close()
     total = sum(len(r.generated) for r in results)
-    print(f"=== {len(results)} samples, {total} tokens in {took:.2f}s ({total / max(took, 1e-9):.1f} tok/s), "
-          f"{calls} network calls, mean NFE {sum(r.nfe for r in results) / len(results):.1f}, "
-          f"L'={block}, schedule {schedule}, kv-cache {'on' if args.kv_cache else 'off'}, device {device} ===")
+    print(
+        f"=== {len(results)} samples, {total} tokens in {took:.2f}s ({total / max(took, 1e-9):.1f} tok/s), "
+        f"{calls} network calls, mean NFE {sum(r.nfe for r in results) / len(results):.1f}, "
+        f"L'={block}, schedule {schedule}, kv-cache {'on' if args.kv_cache else 'off'}, device {device} ==="
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ writes PNGs next to it under ``RUN_DIR/report/``: loss and validation NELBO, per
 scores of the latest search with the chosen window over time, the gradient variance across micro-batches and the loss
 per t bucket, one file each and all of them on one page (``overview.png``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,19 +82,32 @@ def make_report(run_dir: Path) -> list[Path]:
     searches = [r for r in records if any(k.startswith("clip_var/") for k in r)]
     bucket_keys = sorted({k for r in records for k in r if k.startswith("loss_t/")})
     has_grad = bool(series(records, "grad_var")[0])
+
     # (file, panels); a file with two panels is drawn side by side
     def log_series(key, title):
         return lambda ax: panel_log_series(ax, records, key, title)
 
-    figures = [("loss.png", [lambda ax: panel_loss(ax, records)]),
-               ("block_variance.png", [log_series("nelbo_block_var", "variance of per-block NELBO estimates (train)")])]
+    figures = [
+        ("loss.png", [lambda ax: panel_loss(ax, records)]),
+        ("block_variance.png", [log_series("nelbo_block_var", "variance of per-block NELBO estimates (train)")]),
+    ]
     if has_grad:
-        figures.append(("gradient_variance.png",
-                        [log_series("grad_var", "gradient variance across micro-batches (probe)"),
-                         log_series("grad_noise_ratio", "gradient noise / signal (probe)")]))
+        figures.append(
+            (
+                "gradient_variance.png",
+                [
+                    log_series("grad_var", "gradient variance across micro-batches (probe)"),
+                    log_series("grad_noise_ratio", "gradient noise / signal (probe)"),
+                ],
+            )
+        )
     if searches:
-        figures.append(("clip_windows.png", [lambda ax: panel_window_scores(ax, searches),
-                                             lambda ax: panel_chosen_window(ax, searches)]))
+        figures.append(
+            (
+                "clip_windows.png",
+                [lambda ax: panel_window_scores(ax, searches), lambda ax: panel_chosen_window(ax, searches)],
+            )
+        )
     if bucket_keys:
         figures.append(("loss_by_t.png", [lambda ax: panel_loss_by_t(ax, records, bucket_keys)]))
 
@@ -132,8 +146,10 @@ def table(run_dir: Path) -> str:
             continue
         window = "-" if "clip_window" not in r else f"[{r['clip_window'][0]:.3g}, {r['clip_window'][1]:.3g}]"
         fmt = lambda v, w: f"{v:>{w}.4g}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
-        lines.append(f"{r['step']:>8} {fmt(r.get('loss'), 9)} {fmt(r['val_nelbo'], 10)} {fmt(r['val_ppl'], 10)} "
-                     f"{fmt(r.get('nelbo_block_var'), 10)}  {window}")
+        lines.append(
+            f"{r['step']:>8} {fmt(r.get('loss'), 9)} {fmt(r['val_nelbo'], 10)} {fmt(r['val_ppl'], 10)} "
+            f"{fmt(r.get('nelbo_block_var'), 10)}  {window}"
+        )
     return "\n".join(lines)
 
 

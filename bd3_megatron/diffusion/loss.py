@@ -5,6 +5,7 @@ NELBO is a weighted cross-entropy on masked positions only: sum over tokens of l
 log-linear schedule). The reference averages over *all* b*L tokens, counting carried-over tokens as zeros; the
 training loss here does the same so numbers compare.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,10 @@ import torch
 
 def _check_shapes(ce: torch.Tensor, masked: torch.Tensor, t_tokens: torch.Tensor) -> None:
     if not (ce.shape == masked.shape == t_tokens.shape):
-        raise ValueError(f"ce, masked and t_tokens must share one shape, got {tuple(ce.shape)}, "
-                         f"{tuple(masked.shape)}, {tuple(t_tokens.shape)}")
+        raise ValueError(
+            f"ce, masked and t_tokens must share one shape, got {tuple(ce.shape)}, "
+            f"{tuple(masked.shape)}, {tuple(t_tokens.shape)}"
+        )
     if masked.dtype != torch.bool:
         raise ValueError(f"masked must be a bool tensor, got {masked.dtype}")
 
@@ -25,8 +28,11 @@ def token_nelbo(ce: torch.Tensor, masked: torch.Tensor, t_tokens: torch.Tensor, 
     a head that skipped those positions) reaches neither the value nor the gradient.
     """
     _check_shapes(ce, masked, t_tokens)
-    weight = torch.where(masked, schedule.loss_weight(torch.where(masked, t_tokens, torch.ones_like(t_tokens))),
-                         torch.zeros_like(t_tokens))
+    weight = torch.where(
+        masked,
+        schedule.loss_weight(torch.where(masked, t_tokens, torch.ones_like(t_tokens))),
+        torch.zeros_like(t_tokens),
+    )
     return weight * torch.where(masked, ce, torch.zeros_like(ce))
 
 
@@ -41,8 +47,9 @@ def nelbo_from_token_ce(ce: torch.Tensor, masked: torch.Tensor, t_tokens: torch.
     return token_nelbo(ce, masked, t_tokens, schedule).mean()
 
 
-def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_token_id: int,
-                   valid_vocab: int | None = None) -> torch.Tensor:
+def subs_log_probs(
+    logits: torch.Tensor, xt: torch.Tensor, mask_token_id: int, valid_vocab: int | None = None
+) -> torch.Tensor:
     """SUBS log-probabilities [..., V] in fp32 from dense logits [..., V] and the noisy tokens xt [...].
 
     The mask token (and padded vocabulary rows, ids >= valid_vocab) get -inf before the softmax, so they are never
@@ -51,8 +58,10 @@ def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_token_id: int,
     """
     vocab = logits.shape[-1]
     if logits.shape[:-1] != xt.shape:
-        raise ValueError(f"logits [..., V] and xt [...] must agree on the leading dims, got {tuple(logits.shape)} "
-                         f"and {tuple(xt.shape)}")
+        raise ValueError(
+            f"logits [..., V] and xt [...] must agree on the leading dims, got {tuple(logits.shape)} "
+            f"and {tuple(xt.shape)}"
+        )
     if not 0 <= mask_token_id < vocab:
         raise ValueError(f"mask_token_id {mask_token_id} is outside the logits' vocabulary of {vocab}")
     limit = vocab if valid_vocab is None else valid_vocab

@@ -7,10 +7,11 @@ Layout: x_t ⊕ x0, length 2L (noisy half [0, L), clean half [L, 2L)), blocks of
 The dense mask, the FlexAttention BlockMask, the sampler's clean-stream mask and the density are all evaluated from
 :func:`make_mask_mod`, so they cannot drift apart.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,8 +22,10 @@ def _check(seq_len: int, block_size: int) -> None:
     if seq_len < 1 or block_size < 1:
         raise ValueError(f"seq_len and block_size must be >= 1, got seq_len={seq_len}, block_size={block_size}")
     if seq_len % block_size:
-        raise ValueError(f"seq_len ({seq_len}) must be divisible by block_size ({block_size}); "
-                         "pick a block size that divides the sequence length")
+        raise ValueError(
+            f"seq_len ({seq_len}) must be divisible by block_size ({block_size}); "
+            "pick a block size that divides the sequence length"
+        )
 
 
 def _device_key(device: torch.device | str | None) -> str:
@@ -97,8 +100,9 @@ def mask_density(seq_len: int, block_size: int, chunk_rows: int = 1024) -> float
     n = 2 * seq_len
     mod = make_mask_mod(seq_len, block_size)
     cols = torch.arange(n)
-    allowed = sum(int(_evaluate(mod, torch.arange(r, min(r + chunk_rows, n)), cols).sum())
-                  for r in range(0, n, chunk_rows))
+    allowed = sum(
+        int(_evaluate(mod, torch.arange(r, min(r + chunk_rows, n)), cols).sum()) for r in range(0, n, chunk_rows)
+    )
     return allowed / (n * n)
 
 
@@ -116,8 +120,9 @@ def _flex(seq_len: int, block_size: int, device: str, tile: int):
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = 2 * seq_len
-    return create_block_mask(make_mask_mod(seq_len, block_size), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device,
-                             BLOCK_SIZE=tile)
+    return create_block_mask(
+        make_mask_mod(seq_len, block_size), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, BLOCK_SIZE=tile
+    )
 
 
 def flex_block_mask(seq_len: int, block_size: int, device: torch.device | str, block_tile: int = 128):
@@ -130,8 +135,9 @@ def flex_block_mask(seq_len: int, block_size: int, device: torch.device | str, b
     if block_tile < 1:
         raise ValueError(f"block_tile must be >= 1, got {block_tile}")
     if not flex_available():
-        raise ValueError("FlexAttention is not available in this torch build; use the dense mask (attention "
-                         "backend 'sdpa') instead")
+        raise ValueError(
+            "FlexAttention is not available in this torch build; use the dense mask (attention backend 'sdpa') instead"
+        )
     return _flex(seq_len, block_size, _device_key(device), block_tile)
 
 
@@ -154,8 +160,14 @@ def noisy_query_rows(mask, rows: int):
     if isinstance(mask, torch.Tensor):
         return mask[..., :rows, :]
     batch = mask.kv_num_blocks.shape[0]
-    args = (mask.mask_mod, None if batch == 1 else batch, rows, mask.seq_lengths[1], str(mask.kv_indices.device),
-            tuple(mask.BLOCK_SIZE))
+    args = (
+        mask.mask_mod,
+        None if batch == 1 else batch,
+        rows,
+        mask.seq_lengths[1],
+        str(mask.kv_indices.device),
+        tuple(mask.BLOCK_SIZE),
+    )
     return _flex_rows_cached(*args) if batch == 1 else _flex_rows(*args)
 
 
@@ -184,8 +196,9 @@ def padded_flex_block_mask(seq_len: int, block_size: int, key_padding: torch.Ten
     _check(seq_len, block_size)
     n = 2 * seq_len
     mod = with_key_padding(make_mask_mod(seq_len, block_size), key_padding)
-    return create_block_mask(mod, B=key_padding.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=key_padding.device,
-                             BLOCK_SIZE=block_tile)
+    return create_block_mask(
+        mod, B=key_padding.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=key_padding.device, BLOCK_SIZE=block_tile
+    )
 
 
 def effective_dense(block_mask, mask_mod: MaskMod | None = None, n: int | None = None) -> torch.Tensor:

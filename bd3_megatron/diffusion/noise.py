@@ -12,6 +12,7 @@ and φ = 0x9E3779B9 breaks the 0 -> 0 fixed point. Chaining (not xor-ing) keys m
 (sample 3, position 5) and (sample 5, position 3) differ. The output uses the top 24 bits: ``(h >> 8) * 2^-24``,
 exactly representable in float32, in [0, 1).
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,8 +94,15 @@ def _check_index(sample_index: torch.Tensor) -> None:
         raise ValueError(f"sample_index must hold integers, got dtype {sample_index.dtype}")
 
 
-def sample_t(seed: int, sample_index: torch.Tensor, step: int, num_blocks: int, window: ClipWindow,
-             global_batch_size: int, antithetic: bool = True) -> torch.Tensor:
+def sample_t(
+    seed: int,
+    sample_index: torch.Tensor,
+    step: int,
+    num_blocks: int,
+    window: ClipWindow,
+    global_batch_size: int,
+    antithetic: bool = True,
+) -> torch.Tensor:
     """One t per (sequence, block): [b, num_blocks] float32 in [eps_min, eps_max].
 
     Antithetic: the global batch x blocks grid of N = G * nb cells (cell of sample j = sample_index mod G, block k is
@@ -144,8 +152,15 @@ def sample_mask(seed: int, sample_index: torch.Tensor, step: int, t_tokens: torc
     return u < t_tokens
 
 
-def resample_blocks(seed: int, sample_index: torch.Tensor, step: int, t_tokens: torch.Tensor, block_size: int,
-                    window: ClipWindow, max_tries: int = 8) -> torch.Tensor:
+def resample_blocks(
+    seed: int,
+    sample_index: torch.Tensor,
+    step: int,
+    t_tokens: torch.Tensor,
+    block_size: int,
+    window: ClipWindow,
+    max_tries: int = 8,
+) -> torch.Tensor:
     """A mask [b, L] whose masked fraction lies in the window for every block, in bounded work.
 
     Try 0 is the plain :func:`sample_mask` draw, tries 1.. are fresh keyed draws (the try index is one more key);
@@ -157,8 +172,10 @@ def resample_blocks(seed: int, sample_index: torch.Tensor, step: int, t_tokens: 
         raise ValueError(f"max_tries must be >= 1, got {max_tries}")
     lo, hi = _bounds(window, block_size)
     if lo > hi:
-        raise ValueError(f"window [{window.eps_min}, {window.eps_max}] admits no masked-token count for block size "
-                         f"{block_size}; widen the window or turn resampling off")
+        raise ValueError(
+            f"window [{window.eps_min}, {window.eps_max}] admits no masked-token count for block size "
+            f"{block_size}; widen the window or turn resampling off"
+        )
     b, seq = t_tokens.shape
     if seq % block_size:
         raise ValueError(f"sequence length {seq} is not a multiple of block_size {block_size}")
@@ -195,9 +212,21 @@ class Corruption:
     t_tokens: torch.Tensor  # [b, L] t repeated over each block
 
 
-def corrupt(x0: torch.Tensor, sample_index: torch.Tensor, step: int, *, seed: int, block_size: int,
-            window: ClipWindow, mask_token_id: int, global_batch_size: int, antithetic: bool = True,
-            resample: bool = False, ignore_bos: bool = False, max_tries: int = 8) -> Corruption:
+def corrupt(
+    x0: torch.Tensor,
+    sample_index: torch.Tensor,
+    step: int,
+    *,
+    seed: int,
+    block_size: int,
+    window: ClipWindow,
+    mask_token_id: int,
+    global_batch_size: int,
+    antithetic: bool = True,
+    resample: bool = False,
+    ignore_bos: bool = False,
+    max_tries: int = 8,
+) -> Corruption:
     """x_t from x0: one t per block, tokens masked with probability t (optionally resampled into the window).
 
     Everything is computed on x0.device. ignore_bos keeps position 0 clean, applied after resampling as in the

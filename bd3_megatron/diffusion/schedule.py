@@ -4,6 +4,7 @@ BD3-LM uses the log-linear schedule: alpha_t = 1 - t, so a token is masked with 
 -alpha'_t / (1 - alpha_t) is 1 / t. A schedule is a small class with these three maps so another one (cosine, …) can
 be registered without touching the loss or the sampler.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ class ClipWindow:
 
     def __post_init__(self) -> None:
         if not (0.0 < self.eps_min <= self.eps_max <= 1.0):  # also rejects NaN: every comparison is False
-            raise ValueError(f"clip window needs 0 < eps_min <= eps_max <= 1, got [{self.eps_min}, {self.eps_max}]; "
-                             "set diffusion.eps_min/eps_max inside that range")
+            raise ValueError(
+                f"clip window needs 0 < eps_min <= eps_max <= 1, got [{self.eps_min}, {self.eps_max}]; "
+                "set diffusion.eps_min/eps_max inside that range"
+            )
 
     @property
     def is_default(self) -> bool:

@@ -5,10 +5,11 @@ on a fixed set of validation batches, the per-block NELBO estimates under each c
 with the window whose estimates vary least. Everything here is pure torch; the trainer gathers the per-block losses
 over data-parallel ranks before scoring, so every rank picks the same window.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -68,8 +69,9 @@ def variance_score(per_batch_block_losses: Iterable[torch.Tensor]) -> float:
     return float(pooled.var(unbiased=True))
 
 
-def search_clip_window(windows: Sequence[ClipWindow],
-                       estimates: Callable[[ClipWindow], list[torch.Tensor]]) -> tuple[ClipWindow, dict]:
+def search_clip_window(
+    windows: Sequence[ClipWindow], estimates: Callable[[ClipWindow], list[torch.Tensor]]
+) -> tuple[ClipWindow, dict]:
     """Score every window with ``estimates(window)`` (per-batch per-block losses) and return the minimiser and all
     scores keyed by ``"lo-hi"`` labels. Ties go to the earlier window in the grid."""
     scores = {}

@@ -7,6 +7,7 @@ The model knows nothing of DeepSpeed or Slurm. Tensor parallelism lives inside t
 parallelism is expressed the megatron way (``pre_process``/``post_process`` stages, ``set_input_tensor``), and every
 stage rebuilds the mask and the rotary table locally instead of receiving them.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,11 +117,13 @@ class NoisyHalfTransformerLayer(BD3TransformerLayer):
         if ignored:
             raise NotImplementedError(f"NoisyHalfTransformerLayer does not take {sorted(ignored)}")
         residual = hidden_states[: hidden_states.shape[0] // 2]
-        attention_output_with_bias = self.self_attention(self.input_layernorm(hidden_states),
-                                                         attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        attention_output_with_bias = self.self_attention(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+        )
         with self.bias_dropout_add_exec_handler():
             hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
-                attention_output_with_bias, residual, self.hidden_dropout)
+                attention_output_with_bias, residual, self.hidden_dropout
+            )
         return hidden_states, None
 
 
@@ -151,8 +154,15 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
     by the fused chunked :func:`bd3_megatron.model.head.linear_cross_entropy` (no [N, V] logits kept)."""
 
     def __init__(self, config: TransformerConfig, padded_vocab: int, spec: BD3Spec):
-        super().__init__(config.hidden_size, padded_vocab, config=config, init_method=config.init_method,
-                         bias=False, skip_bias_add=False, gather_output=False)
+        super().__init__(
+            config.hidden_size,
+            padded_vocab,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+        )
         tp = parallel_state.get_tensor_model_parallel_world_size()
         part = padded_vocab // tp
         self.vocab_start = part * parallel_state.get_tensor_model_parallel_rank()
@@ -162,23 +172,30 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
         self.chunk_tokens = spec.ce_chunk_tokens
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_weight: torch.Tensor | None = None):
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
+    ):
         if labels is None:
             logits, _ = super().forward(hidden)
             return logits.float().index_fill(-1, self.never_predict, float("-inf"))
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)  # gradient all-reduced over TP
-        ce, nelbo_sum = linear_cross_entropy(hidden, self.weight, labels, self.never_predict,
-                                             loss_weight=loss_weight, vocab_start=self.vocab_start,
-                                             chunk_tokens=self.chunk_tokens, group=self.tp_group)
+        ce, nelbo_sum = linear_cross_entropy(
+            hidden,
+            self.weight,
+            labels,
+            self.never_predict,
+            loss_weight=loss_weight,
+            vocab_start=self.vocab_start,
+            chunk_tokens=self.chunk_tokens,
+            group=self.tp_group,
+        )
         return HeadOutput(ce, nelbo_sum)
 
 
 class BD3Model(MegatronModule):
     """BD3-LM: a pre-LN transformer over x_t ⊕ x0 with the block-diffusion attention mask."""
 
-    def __init__(self, config: TransformerConfig, spec: BD3Spec, pre_process: bool = True,
-                 post_process: bool = True):
+    def __init__(self, config: TransformerConfig, spec: BD3Spec, pre_process: bool = True, post_process: bool = True):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         if spec.seq_len % spec.block_size:
@@ -191,10 +208,15 @@ class BD3Model(MegatronModule):
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.rotary = SharedRotary(head_dim)
         if pre_process:
-            self.embedding = LanguageModelEmbedding(config, vocab_size=self.padded_vocab,
-                                                    max_sequence_length=spec.seq_len, position_embedding_type="rope")
-        self.decoder = TransformerBlock(config=config, spec=bd3_block_spec(config, spec, post_process),
-                                        pre_process=pre_process, post_process=post_process)
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size=self.padded_vocab, max_sequence_length=spec.seq_len, position_embedding_type="rope"
+            )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=bd3_block_spec(config, spec, post_process),
+            pre_process=pre_process,
+            post_process=post_process,
+        )
         for layer in self.decoder.layers:
             layer.recompute = spec.recompute
         if post_process:
@@ -285,8 +307,14 @@ class BD3Model(MegatronModule):
             mask = self._padded_mask(mask, key_padding, seq_len, streams)
         return self.encode(ids, positions, mask), seq_len
 
-    def forward(self, xt: torch.Tensor | None, x0: torch.Tensor | None, loss_mask: torch.Tensor | None = None,
-                loss_weight: torch.Tensor | None = None, key_padding: torch.Tensor | None = None):
+    def forward(
+        self,
+        xt: torch.Tensor | None,
+        x0: torch.Tensor | None,
+        loss_mask: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        key_padding: torch.Tensor | None = None,
+    ):
         """Training/eval forward.
 
         xt, x0: [b, L] token ids (first stage; ``None`` on later stages); loss_mask: [b, L] bool, the positions
@@ -339,7 +367,7 @@ def canonical_parameter_names(model: BD3Model) -> dict[str, str]:
     out = {}
     for name, _ in model.named_parameters():
         m = _LAYER_RE.match(name)
-        out[name] = f"decoder.layers.{offsets[m.group(1)]}." + name[m.end():] if m else name
+        out[name] = f"decoder.layers.{offsets[m.group(1)]}." + name[m.end() :] if m else name
     return out
 
 
@@ -384,18 +412,43 @@ def init_parameters(model: BD3Model, seed: int) -> None:
         param.copy_(full.to(param.dtype))
 
 
-def build_transformer_config(*, num_layers: int, hidden_size: int, num_heads: int, ffn_hidden_size: int | None,
-                             dropout: float, tp: int, pp: int, params_dtype=torch.float32,
-                             pipeline_dtype=torch.float32, use_cpu_initialization: bool = True) -> TransformerConfig:
+def build_transformer_config(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    ffn_hidden_size: int | None,
+    dropout: float,
+    tp: int,
+    pp: int,
+    params_dtype=torch.float32,
+    pipeline_dtype=torch.float32,
+    use_cpu_initialization: bool = True,
+) -> TransformerConfig:
     """megatron-core TransformerConfig for the BD3 model: pre-LN, GELU(tanh) MLP, no linear biases, no fusions
     that need apex/TE (so CPU and GPU run the same math)."""
     return TransformerConfig(
-        num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_heads,
-        ffn_hidden_size=ffn_hidden_size or 4 * hidden_size, hidden_dropout=dropout, attention_dropout=0.0,
-        add_bias_linear=False, activation_func=lambda x: F.gelu(x, approximate="tanh"), normalization="LayerNorm",
-        layernorm_epsilon=1e-5, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype, pipeline_dtype=pipeline_dtype, use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, sequence_parallel=False,  # recomputation: BD3TransformerLayer
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_heads,
+        ffn_hidden_size=ffn_hidden_size or 4 * hidden_size,
+        hidden_dropout=dropout,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        activation_func=lambda x: F.gelu(x, approximate="tanh"),
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-5,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=pipeline_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,  # recomputation: BD3TransformerLayer
     )

@@ -1,4 +1,5 @@
 """Build the BD3 model for this rank from the run configuration."""
+
 from __future__ import annotations
 
 import torch
@@ -11,11 +12,25 @@ from bd3_megatron.parallel.state import ParallelContext
 def build_model(cfg: Config, ctx: ParallelContext, vocab_size: int, mask_token_id: int) -> BD3Model:
     m = cfg.model
     tconf = build_transformer_config(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_heads, ffn_hidden_size=m.ffn_hidden_size,
-        dropout=m.dropout, tp=ctx.tp, pp=ctx.pp, use_cpu_initialization=not ctx.runtime.is_cuda)
-    spec = BD3Spec(vocab_size=vocab_size, mask_token_id=mask_token_id, seq_len=m.seq_len, block_size=m.block_size,
-                   attention_backend=m.attention_backend, mode=m.mode, ce_chunk_tokens=m.ce_chunk_tokens,
-                   recompute=m.recompute)
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_heads=m.num_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        dropout=m.dropout,
+        tp=ctx.tp,
+        pp=ctx.pp,
+        use_cpu_initialization=not ctx.runtime.is_cuda,
+    )
+    spec = BD3Spec(
+        vocab_size=vocab_size,
+        mask_token_id=mask_token_id,
+        seq_len=m.seq_len,
+        block_size=m.block_size,
+        attention_backend=m.attention_backend,
+        mode=m.mode,
+        ce_chunk_tokens=m.ce_chunk_tokens,
+        recompute=m.recompute,
+    )
     model = BD3Model(tconf, spec, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     init_parameters(model, cfg.train.seed)
     model = model.to(ctx.runtime.device)

@@ -18,6 +18,7 @@ Tensor parallelism: ``hidden`` must already have passed ``copy_to_tensor_model_p
 all-reduce of the gradient backward), exactly as ColumnParallelLinear does for its input; the max, the target logit
 and the sum of exponentials are all-reduced over the TP group as in megatron's ``vocab_parallel_cross_entropy``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -99,9 +100,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_weighted, grad_weight * grad_weighted, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         never_predict: torch.Tensor, *, loss_weight: torch.Tensor | None = None,
-                         vocab_start: int = 0, chunk_tokens: int = 0, group=None):
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    never_predict: torch.Tensor,
+    *,
+    loss_weight: torch.Tensor | None = None,
+    vocab_start: int = 0,
+    chunk_tokens: int = 0,
+    group=None,
+):
     """Per-token cross-entropy [N] (no gradient) and its ``loss_weight``-weighted sum [] (differentiable).
 
     ``hidden`` [N, h]; ``weight`` [Vp, h] this rank's head rows starting at global id ``vocab_start``; ``labels``
@@ -110,8 +119,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``group`` the tensor-parallel group (None: single rank). Raises ValueError on shape mismatches.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden [N, h], weight [Vp, h], labels [N] expected, got "
-                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden [N, h], weight [Vp, h], labels [N] expected, got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
     if loss_weight is not None and loss_weight.shape != labels.shape:
         raise ValueError(f"loss_weight must be [N] like labels, got {tuple(loss_weight.shape)}")
     chunk = chunk_tokens_for(weight.shape[0], chunk_tokens)

@@ -5,6 +5,7 @@ state tracker for tensor-parallel dropout, and literal ``device="cuda"`` in the 
 redirects each to the CPU. It is installed only by :func:`bd3_megatron.parallel.device.select_runtime` when the run
 is on CPU; GPU runs never touch it.
 """
+
 from __future__ import annotations
 
 import torch

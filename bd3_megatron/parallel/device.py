@@ -4,6 +4,7 @@ Every device decision in the project goes through this module: :func:`select_run
 :func:`local_device` for single-process tools; other modules do not call ``torch.cuda`` (the megatron-core CPU shim
 aside, which replaces it). On a machine without CUDA the shim is installed here, once.
 """
+
 from __future__ import annotations
 
 import contextlib

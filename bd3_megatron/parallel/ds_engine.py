@@ -8,6 +8,7 @@ Two ways a step runs, chosen by the layout (both proven on CPU/gloo, see DESIGN.
     (ZeRO-2's per-micro-batch reduction hooks conflict with a schedule that accumulates on its own).
 The optimizer is torch's fused AdamW handed to DeepSpeed (CPU and CUDA), so no DeepSpeed op is JIT-compiled.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,11 @@ def local_grads(model: torch.nn.Module) -> list[torch.Tensor]:
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
-    return [p.grad for p in model.parameters()
-            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
+    return [
+        p.grad
+        for p in model.parameters()
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    ]
 
 
 NORM_PIECE = 32768  # elements per fp32 partial norm: short enough that fp32 accumulation stays at ~1e-8 relative
@@ -117,8 +121,14 @@ class UpdateGuard:
         """Global max |.| of parameters, exp_avg, exp_avg_sq (inf if any is non-finite): one all-reduce."""
         params, m, v, _ = self._tensors()
         device = params[0].device
-        vals = torch.stack([torch.stack(torch._foreach_norm(group, float("inf"))).float().max() if group
-                            else torch.zeros((), device=device) for group in (params, m, v)])
+        vals = torch.stack(
+            [
+                torch.stack(torch._foreach_norm(group, float("inf"))).float().max()
+                if group
+                else torch.zeros((), device=device)
+                for group in (params, m, v)
+            ]
+        )
         vals = torch.nan_to_num(vals, nan=float("inf"))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vals, op=dist.ReduceOp.MAX)
@@ -188,20 +198,26 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext, dp: int, micro_batches: 
 class DeepSpeedEngine:
     """Same interface as the loop expects: begin_step / backward / step / state_dict."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, ctx: ParallelContext, dp: int, micro_batches: int,
-                 bf16: bool):
+    def __init__(
+        self, model: torch.nn.Module, cfg: Config, ctx: ParallelContext, dp: int, micro_batches: int, bf16: bool
+    ):
         import deepspeed
 
         if not ctx.runtime.is_cuda:
             _skip_cpu_shm_build()
         o = cfg.optim
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                      fused=True)  # one vectorised pass per tensor, CPU and CUDA (~5x the loop on CPU)
+        optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=True
+        )  # one vectorised pass per tensor, CPU and CUDA (~5x the loop on CPU)
         deepspeed.init_distributed(dist_backend=ctx.runtime.backend, auto_mpi_discovery=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx, dp, micro_batches, bf16),
-            mpu=MegatronMPU, dist_init_required=False)
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, ctx, dp, micro_batches, bf16),
+            mpu=MegatronMPU,
+            dist_init_required=False,
+        )
         self.zero_stage = cfg.parallel.zero_stage
         self.grad_clip = o.grad_clip
         self.pipeline = ctx.pp > 1
@@ -252,15 +268,19 @@ class DeepSpeedEngine:
 
     # --------------------------------------------------------------- checkpoint state (this rank's shard)
     def state_dict(self) -> dict:
-        return {"optimizer": self.engine.optimizer.state_dict(), "global_steps": self.engine.global_steps,
-                "global_samples": self.engine.global_samples}
+        return {
+            "optimizer": self.engine.optimizer.state_dict(),
+            "global_steps": self.engine.global_steps,
+            "global_samples": self.engine.global_samples,
+        }
 
     def load_state_dict(self, states: list[dict]) -> None:
         """``states``: the saved engine states of every data-parallel rank of this (tp, pp) position, in dp order."""
         state = states[self.engine.mpu.get_data_parallel_rank()] if self.engine.mpu else states[0]
         if self.zero_stage > 0:
-            self.engine.optimizer.load_state_dict([s["optimizer"] for s in states], load_optimizer_states=True,
-                                                  load_from_fp32_weights=True)
+            self.engine.optimizer.load_state_dict(
+                [s["optimizer"] for s in states], load_optimizer_states=True, load_from_fp32_weights=True
+            )
         else:
             self.engine.optimizer.load_state_dict(state["optimizer"])
         self.engine.global_steps = state["global_steps"]

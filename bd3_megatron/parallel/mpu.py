@@ -5,6 +5,7 @@ replica: megatron's TP×PP group, so grad norms are summed over all of them) and
 ranks among which ZeRO shards optimizer state and averages gradients). Tensor-parallel calls let DeepSpeed skip
 double counting of replicated parameters.
 """
+
 from __future__ import annotations
 
 from megatron.core import parallel_state as ps
@@ -20,8 +21,10 @@ class MegatronMPU:
 
     @staticmethod
     def get_model_parallel_rank() -> int:
-        return (ps.get_pipeline_model_parallel_rank() * ps.get_tensor_model_parallel_world_size()
-                + ps.get_tensor_model_parallel_rank())
+        return (
+            ps.get_pipeline_model_parallel_rank() * ps.get_tensor_model_parallel_world_size()
+            + ps.get_tensor_model_parallel_rank()
+        )
 
     get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
     get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)

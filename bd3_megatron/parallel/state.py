@@ -4,6 +4,7 @@ Ranks come from the environment (torchrun: RANK/WORLD_SIZE/LOCAL_RANK; Slurm sru
 SLURM_LOCALID), so ``python -m launcher.train`` is the same command under every launcher. A plain single process
 gets an in-memory store and needs no port.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), "torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
-                         "slurm")
+        return LaunchEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")), "slurm"
+        )
     return LaunchEnv(0, 1, 0, "single")
 
 
@@ -74,11 +76,14 @@ def init_distributed(runtime: Runtime, env: LaunchEnv, timeout_s: float = 600.0)
         return
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"multi-process launch without {', '.join(missing)}: start with torchrun, or under Slurm "
-                           f"export MASTER_ADDR/MASTER_PORT (slurm/*.sh do this)")
+        raise RuntimeError(
+            f"multi-process launch without {', '.join(missing)}: start with torchrun, or under Slurm "
+            f"export MASTER_ADDR/MASTER_PORT (slurm/*.sh do this)"
+        )
     kwargs = {"device_id": runtime.device} if runtime.is_cuda else {}
-    dist.init_process_group(runtime.backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=timeout, **kwargs)
+    dist.init_process_group(
+        runtime.backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+    )
 
 
 def initialize(tp: int, pp: int, seed: int, device: str = "auto", env: LaunchEnv | None = None) -> ParallelContext:
@@ -99,9 +104,17 @@ def initialize(tp: int, pp: int, seed: int, device: str = "auto", env: LaunchEnv
     torch.manual_seed(seed + 7919 * parallel_state.get_data_parallel_rank())
     model_parallel_cuda_manual_seed(seed)
     return ParallelContext(
-        runtime=runtime, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp, pp=pp,
-        dp=parallel_state.get_data_parallel_world_size(), tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        pp_rank=parallel_state.get_pipeline_model_parallel_rank(), dp_rank=parallel_state.get_data_parallel_rank())
+        runtime=runtime,
+        rank=env.rank,
+        world_size=env.world_size,
+        local_rank=env.local_rank,
+        tp=tp,
+        pp=pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
 
 
 def shutdown() -> None:

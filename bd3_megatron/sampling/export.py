@@ -14,6 +14,7 @@ Two layouts are read and written:
 Nothing here executes code from a file: safetensors and JSON only (a ``pytorch_model.bin`` is read with
 ``torch.load(weights_only=True)``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,10 +51,14 @@ class SamplerCheckpoint:
     notes: list[str] = field(default_factory=list)  # what an import ignored and why (printed by convert)
 
     def config_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.config.to_dict(),
-                "tokenizer": self.tokenizer,
-                "clip_window": {"eps_min": self.clip_window[0], "eps_max": self.clip_window[1]},
-                "source": self.source}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.config.to_dict(),
+            "tokenizer": self.tokenizer,
+            "clip_window": {"eps_min": self.clip_window[0], "eps_max": self.clip_window[1]},
+            "source": self.source,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -80,8 +85,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(binf, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for damaged zip/pickle data
             raise ValueError(f"cannot read {binf} ({type(exc).__name__}: {exc}); the file is damaged") from None
-    raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}; pass a folder written by tools/convert.py or an "
-                            f"HF bd3lm folder")
+    raise FileNotFoundError(
+        f"{folder} has no {WEIGHTS_FILE}; pass a folder written by tools/convert.py or an HF bd3lm folder"
+    )
 
 
 def write_folder(out: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
@@ -90,16 +96,18 @@ def write_folder(out: str | Path, config: dict[str, Any], state: dict[str, torch
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"output {out} already exists and is not empty; choose a new folder (nothing is "
-                         f"overwritten)")
+        raise ValueError(f"output {out} already exists and is not empty; choose a new folder (nothing is overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+            str(tmp / WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -119,16 +127,20 @@ def detect_format(folder: str | Path) -> str:
     cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
         if (folder / "latest").exists() or (folder / "metadata.json").exists():
-            raise ValueError(f"{folder} is a training checkpoint; convert it first: python tools/convert.py "
-                             f"--input {folder} --output DIR")
+            raise ValueError(
+                f"{folder} is a training checkpoint; convert it first: python tools/convert.py "
+                f"--input {folder} --output DIR"
+            )
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}; pass a folder written by tools/convert.py")
     cfg = _read_json(cfg_file)
     if cfg.get("format") == FORMAT:
         return "native"
     if cfg.get("model_type") == "bd3lm":
         return "hf"
-    raise ValueError(f"{cfg_file} is neither a bd3-megatron sampler config (format={FORMAT!r}) nor a Hugging Face "
-                     f"bd3lm config (model_type='bd3lm')")
+    raise ValueError(
+        f"{cfg_file} is neither a bd3-megatron sampler config (format={FORMAT!r}) nor a Hugging Face "
+        f"bd3lm config (model_type='bd3lm')"
+    )
 
 
 def save_native(ckpt: SamplerCheckpoint, out: str | Path) -> Path:
@@ -142,15 +154,20 @@ def load_native(folder: str | Path) -> SamplerCheckpoint:
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{folder / CONFIG_FILE} is not a {FORMAT} config")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} has sampler format version {cfg.get('format_version')}, this code reads "
-                         f"{FORMAT_VERSION}")
+        raise ValueError(
+            f"{folder} has sampler format version {cfg.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
     net_cfg = NetConfig.from_dict(cfg["model"])
     state = _read_weights(folder)
     check_state(net_cfg, state)
     win = cfg.get("clip_window") or {}
-    return SamplerCheckpoint(net_cfg, state, tokenizer=cfg.get("tokenizer"),
-                             clip_window=(float(win.get("eps_min", 1e-3)), float(win.get("eps_max", 1.0))),
-                             source=cfg.get("source", {}))
+    return SamplerCheckpoint(
+        net_cfg,
+        state,
+        tokenizer=cfg.get("tokenizer"),
+        clip_window=(float(win.get("eps_min", 1e-3)), float(win.get("eps_max", 1.0))),
+        source=cfg.get("source", {}),
+    )
 
 
 def load_checkpoint(folder: str | Path) -> SamplerCheckpoint:
@@ -193,13 +210,14 @@ def checksum(t: torch.Tensor) -> str:
 
 def summary_table(state: dict[str, torch.Tensor]) -> str:
     """name | shape | dtype | params | checksum, one row per tensor plus a total."""
-    rows = [(n, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""), t.numel(), checksum(t))
-            for n, t in state.items()]
+    rows = [
+        (n, "x".join(map(str, t.shape)) or "scalar", str(t.dtype).replace("torch.", ""), t.numel(), checksum(t))
+        for n, t in state.items()
+    ]
     w = max([len(r[0]) for r in rows] + [4])
     lines = [f"{'name':<{w}}  {'shape':>14}  {'dtype':>8}  {'params':>11}  checksum"]
     lines += [f"{n:<{w}}  {s:>14}  {d:>8}  {p:>11,}  {c}" for n, s, d, p, c in rows]
-    lines.append(f"{'total':<{w}}  {'':>14}  {'':>8}  {sum(r[3] for r in rows):>11,}  "
-                 f"{len(rows)} tensors")
+    lines.append(f"{'total':<{w}}  {'':>14}  {'':>8}  {sum(r[3] for r in rows):>11,}  {len(rows)} tensors")
     return "\n".join(lines)
 
 
@@ -219,27 +237,51 @@ def _hf_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
-def hf_expected_shapes(n_layers: int, hidden: int, vocab: int, cond: int, adaln: bool = True,
-                       var_min: bool = True) -> dict[str, tuple[int, ...]]:
+def hf_expected_shapes(
+    n_layers: int, hidden: int, vocab: int, cond: int, adaln: bool = True, var_min: bool = True
+) -> dict[str, tuple[int, ...]]:
     """The reference BD3LM state dict (spec §8) for these sizes."""
     h, f = hidden, 4 * hidden
     out: dict[str, tuple[int, ...]] = {"backbone.vocab_embed.embedding": (vocab, h)}
     if adaln:
-        out.update({"backbone.sigma_map.mlp.0.weight": (cond, HF_TIMESTEP_DIM),
-                    "backbone.sigma_map.mlp.0.bias": (cond,), "backbone.sigma_map.mlp.2.weight": (cond, cond),
-                    "backbone.sigma_map.mlp.2.bias": (cond,)})
+        out.update(
+            {
+                "backbone.sigma_map.mlp.0.weight": (cond, HF_TIMESTEP_DIM),
+                "backbone.sigma_map.mlp.0.bias": (cond,),
+                "backbone.sigma_map.mlp.2.weight": (cond, cond),
+                "backbone.sigma_map.mlp.2.bias": (cond,),
+            }
+        )
     for i in range(n_layers):
         p = f"backbone.blocks.{i}."
-        out.update({p + "norm1.weight": (h,), p + "attn_qkv.weight": (3 * h, h), p + "attn_out.weight": (h, h),
-                    p + "norm2.weight": (h,), p + "mlp.0.weight": (f, h), p + "mlp.0.bias": (f,),
-                    p + "mlp.2.weight": (h, f), p + "mlp.2.bias": (h,)})
+        out.update(
+            {
+                p + "norm1.weight": (h,),
+                p + "attn_qkv.weight": (3 * h, h),
+                p + "attn_out.weight": (h, h),
+                p + "norm2.weight": (h,),
+                p + "mlp.0.weight": (f, h),
+                p + "mlp.0.bias": (f,),
+                p + "mlp.2.weight": (h, f),
+                p + "mlp.2.bias": (h,),
+            }
+        )
         if adaln:
             out.update({p + "adaLN_modulation.weight": (6 * h, cond), p + "adaLN_modulation.bias": (6 * h,)})
-    out.update({"backbone.output_layer.norm_final.weight": (h,), "backbone.output_layer.linear.weight": (vocab, h),
-                "backbone.output_layer.linear.bias": (vocab,)})
+    out.update(
+        {
+            "backbone.output_layer.norm_final.weight": (h,),
+            "backbone.output_layer.linear.weight": (vocab, h),
+            "backbone.output_layer.linear.bias": (vocab,),
+        }
+    )
     if adaln:
-        out.update({"backbone.output_layer.adaLN_modulation.weight": (2 * h, cond),
-                    "backbone.output_layer.adaLN_modulation.bias": (2 * h,)})
+        out.update(
+            {
+                "backbone.output_layer.adaLN_modulation.weight": (2 * h, cond),
+                "backbone.output_layer.adaLN_modulation.bias": (2 * h,),
+            }
+        )
     if var_min:
         out.update({"sampling_eps_min": (), "sampling_eps_max": ()})
     return out
@@ -250,14 +292,19 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     cfg, s = ckpt.config, ckpt.state
     h, heads, cond = cfg.hidden_size, cfg.num_heads, HF_COND_DIM
     if cfg.mode != "bd3":
-        raise ValueError(f"the bd3lm HF layout holds block diffusion models; this is a model.mode={cfg.mode} "
-                         f"checkpoint (use --format native)")
+        raise ValueError(
+            f"the bd3lm HF layout holds block diffusion models; this is a model.mode={cfg.mode} "
+            f"checkpoint (use --format native)"
+        )
     if cfg.ffn_hidden_size != 4 * h:
-        raise ValueError(f"the reference BD3LM has a 4x MLP; this model has ffn_hidden_size {cfg.ffn_hidden_size} "
-                         f"for hidden {h}, so it has no HF bd3lm form (use --format native)")
+        raise ValueError(
+            f"the reference BD3LM has a 4x MLP; this model has ffn_hidden_size {cfg.ffn_hidden_size} "
+            f"for hidden {h}, so it has no HF bd3lm form (use --format native)"
+        )
     if cfg.rope_base != 10000.0 or cfg.layernorm_eps != 1e-5:
-        raise ValueError("the reference BD3LM fixes rope base 10000 and LayerNorm eps 1e-5; this model differs "
-                         "(use --format native)")
+        raise ValueError(
+            "the reference BD3LM fixes rope base 10000 and LayerNorm eps 1e-5; this model differs (use --format native)"
+        )
     f32 = dict(dtype=torch.float32)
     zeros, ones = torch.zeros(h, **f32), torch.ones(h, **f32)
     out: dict[str, torch.Tensor] = {
@@ -272,37 +319,56 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     for i in range(cfg.num_layers):
         p, q = f"decoder.layers.{i}.", f"backbone.blocks.{i}."
         ln1_b, ln2_b = s[p + "input_layernorm.bias"], s[p + "pre_mlp_layernorm.bias"]
-        out.update({
-            q + "norm1.weight": s[p + "input_layernorm.weight"],
-            q + "attn_qkv.weight": _qkv_to_hf(s[p + "self_attention.linear_qkv.weight"], heads),
-            q + "attn_out.weight": s[p + "self_attention.linear_proj.weight"],
-            q + "norm2.weight": s[p + "pre_mlp_layernorm.weight"],
-            q + "mlp.0.weight": s[p + "mlp.linear_fc1.weight"],
-            q + "mlp.0.bias": torch.zeros(cfg.ffn_hidden_size, **f32),
-            q + "mlp.2.weight": s[p + "mlp.linear_fc2.weight"],
-            q + "mlp.2.bias": torch.zeros(h, **f32),
-            q + "adaLN_modulation.weight": torch.zeros(6 * h, cond, **f32),
-            # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-            q + "adaLN_modulation.bias": torch.cat([ln1_b.float(), zeros, ones, ln2_b.float(), zeros, ones]),
-        })
-    out.update({
-        "backbone.output_layer.norm_final.weight": s["decoder.final_layernorm.weight"],
-        "backbone.output_layer.linear.weight": s["output_layer.weight"],
-        "backbone.output_layer.linear.bias": torch.zeros(cfg.vocab_size, **f32),
-        "backbone.output_layer.adaLN_modulation.weight": torch.zeros(2 * h, cond, **f32),
-        "backbone.output_layer.adaLN_modulation.bias": torch.cat([s["decoder.final_layernorm.bias"].float(), zeros]),
-        "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
-        "sampling_eps_max": torch.tensor(float(ckpt.clip_window[1]), **f32),
-    })
+        out.update(
+            {
+                q + "norm1.weight": s[p + "input_layernorm.weight"],
+                q + "attn_qkv.weight": _qkv_to_hf(s[p + "self_attention.linear_qkv.weight"], heads),
+                q + "attn_out.weight": s[p + "self_attention.linear_proj.weight"],
+                q + "norm2.weight": s[p + "pre_mlp_layernorm.weight"],
+                q + "mlp.0.weight": s[p + "mlp.linear_fc1.weight"],
+                q + "mlp.0.bias": torch.zeros(cfg.ffn_hidden_size, **f32),
+                q + "mlp.2.weight": s[p + "mlp.linear_fc2.weight"],
+                q + "mlp.2.bias": torch.zeros(h, **f32),
+                q + "adaLN_modulation.weight": torch.zeros(6 * h, cond, **f32),
+                # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+                q + "adaLN_modulation.bias": torch.cat([ln1_b.float(), zeros, ones, ln2_b.float(), zeros, ones]),
+            }
+        )
+    out.update(
+        {
+            "backbone.output_layer.norm_final.weight": s["decoder.final_layernorm.weight"],
+            "backbone.output_layer.linear.weight": s["output_layer.weight"],
+            "backbone.output_layer.linear.bias": torch.zeros(cfg.vocab_size, **f32),
+            "backbone.output_layer.adaLN_modulation.weight": torch.zeros(2 * h, cond, **f32),
+            "backbone.output_layer.adaLN_modulation.bias": torch.cat(
+                [s["decoder.final_layernorm.bias"].float(), zeros]
+            ),
+            "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
+            "sampling_eps_max": torch.tensor(float(ckpt.clip_window[1]), **f32),
+        }
+    )
     # Run values come from the checkpoint's config; the rest describe the tensors written above (cross_attn, adaln
     # with cond_dim-wide zero weights, no causal mask or time conditioning, the clip-window buffers), and
     # attn_backend is the one the reference HF module samples with (it asserts sdpa in sample mode).
     config = {
-        "model_type": "bd3lm", "architectures": ["BD3LM"], "return_dict": False,
-        "block_size": cfg.block_size, "vocab_size": cfg.vocab_size, "model_length": cfg.seq_len,
-        "cross_attn": True, "adaln": True, "attn_backend": "sdpa", "causal": False, "hidden_dim": h,
-        "cond_dim": cond, "n_blocks": cfg.num_layers, "n_heads": heads, "time_conditioning": False,
-        "var_min": True, "sampling_eps_min": float(ckpt.clip_window[0]), "sampling_eps_max": float(ckpt.clip_window[1]),
+        "model_type": "bd3lm",
+        "architectures": ["BD3LM"],
+        "return_dict": False,
+        "block_size": cfg.block_size,
+        "vocab_size": cfg.vocab_size,
+        "model_length": cfg.seq_len,
+        "cross_attn": True,
+        "adaln": True,
+        "attn_backend": "sdpa",
+        "causal": False,
+        "hidden_dim": h,
+        "cond_dim": cond,
+        "n_blocks": cfg.num_layers,
+        "n_heads": heads,
+        "time_conditioning": False,
+        "var_min": True,
+        "sampling_eps_min": float(ckpt.clip_window[0]),
+        "sampling_eps_max": float(ckpt.clip_window[1]),
         # read back by load_hf; the reference config ignores unknown keys
         "bd3_megatron": {"mask_token_id": cfg.mask_token_id, "tokenizer": ckpt.tokenizer, "source": ckpt.source},
     }
@@ -329,8 +395,10 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
         _require(key in config, f"{where}: config.json lacks '{key}'")
     _require(config.get("cross_attn", True), f"{where}: cross_attn=false is an MDLM model, not BD3-LM")
     _require(not config.get("causal", False), f"{where}: causal=true is the AR baseline, not BD3-LM")
-    _require(not config.get("time_conditioning", False),
-             f"{where}: time_conditioning=true makes the adaLN modulation depend on t; this model has none")
+    _require(
+        not config.get("time_conditioning", False),
+        f"{where}: time_conditioning=true makes the adaLN modulation depend on t; this model has none",
+    )
     adaln = bool(config.get("adaln", True))
     h, n, heads, vocab = (int(config[k]) for k in ("hidden_dim", "n_blocks", "n_heads", "vocab_size"))
     cond = int(config.get("cond_dim", HF_COND_DIM))
@@ -339,18 +407,26 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
     optional = {"sampling_eps_min", "sampling_eps_max"}
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want) - optional)
-    _require(not missing, f"{where}: {len(missing)} tensors missing (e.g. {missing[:3]}); the folder is truncated "
-                          f"or not a BD3LM checkpoint")
+    _require(
+        not missing,
+        f"{where}: {len(missing)} tensors missing (e.g. {missing[:3]}); the folder is truncated "
+        f"or not a BD3LM checkpoint",
+    )
     _require(not extra, f"{where}: tensors with no counterpart in this model: {extra[:5]}")
     for name, shape in want.items():
-        _require(tuple(state[name].shape) == shape,
-                 f"{where}: {name} has shape {tuple(state[name].shape)}, the config implies {shape}")
+        _require(
+            tuple(state[name].shape) == shape,
+            f"{where}: {name} has shape {tuple(state[name].shape)}, the config implies {shape}",
+        )
     s = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def zero(name: str, t: torch.Tensor | None = None) -> None:
         t = s[name] if t is None else t
-        _require(not torch.any(t != 0), f"{where}: {name} is non-zero (max |x| = {t.abs().max().item():.3g}); this "
-                                        f"model has no such term, so the weights cannot be imported exactly")
+        _require(
+            not torch.any(t != 0),
+            f"{where}: {name} is non-zero (max |x| = {t.abs().max().item():.3g}); this "
+            f"model has no such term, so the weights cannot be imported exactly",
+        )
 
     def mod_chunks(name: str, k: int) -> list[torch.Tensor]:
         if not adaln:  # plain weight-only LayerNorms: shift 0, scale 0, gate 1
@@ -359,8 +435,10 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
         zero(name + ".weight")
         return list(s[name + ".bias"].chunk(k))
 
-    _require(torch.allclose(s["backbone.rotary_emb.inv_freq"], _hf_inv_freq(h // heads), rtol=1e-6, atol=0),
-             f"{where}: backbone.rotary_emb.inv_freq is not the base-10000 table this model uses")
+    _require(
+        torch.allclose(s["backbone.rotary_emb.inv_freq"], _hf_inv_freq(h // heads), rtol=1e-6, atol=0),
+        f"{where}: backbone.rotary_emb.inv_freq is not the base-10000 table this model uses",
+    )
     out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}
     for i in range(n):
         q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
@@ -368,40 +446,63 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
         zero(q + "adaLN_modulation.bias[scale_msa]", scale1)
         zero(q + "adaLN_modulation.bias[scale_mlp]", scale2)
         for nm, t in ((q + "adaLN_modulation.bias[gate_msa]", gate1), (q + "adaLN_modulation.bias[gate_mlp]", gate2)):
-            _require(bool(torch.all(t == 1)), f"{where}: {nm} is not all ones; a gated residual has no exact "
-                                              f"counterpart in this model")
+            _require(
+                bool(torch.all(t == 1)),
+                f"{where}: {nm} is not all ones; a gated residual has no exact counterpart in this model",
+            )
         zero(q + "mlp.0.bias")
         zero(q + "mlp.2.bias")
-        out.update({
-            p + "input_layernorm.weight": s[q + "norm1.weight"], p + "input_layernorm.bias": shift1.clone(),
-            p + "self_attention.linear_qkv.weight": _qkv_from_hf(s[q + "attn_qkv.weight"], heads),
-            p + "self_attention.linear_proj.weight": s[q + "attn_out.weight"],
-            p + "pre_mlp_layernorm.weight": s[q + "norm2.weight"], p + "pre_mlp_layernorm.bias": shift2.clone(),
-            p + "mlp.linear_fc1.weight": s[q + "mlp.0.weight"], p + "mlp.linear_fc2.weight": s[q + "mlp.2.weight"],
-        })
+        out.update(
+            {
+                p + "input_layernorm.weight": s[q + "norm1.weight"],
+                p + "input_layernorm.bias": shift1.clone(),
+                p + "self_attention.linear_qkv.weight": _qkv_from_hf(s[q + "attn_qkv.weight"], heads),
+                p + "self_attention.linear_proj.weight": s[q + "attn_out.weight"],
+                p + "pre_mlp_layernorm.weight": s[q + "norm2.weight"],
+                p + "pre_mlp_layernorm.bias": shift2.clone(),
+                p + "mlp.linear_fc1.weight": s[q + "mlp.0.weight"],
+                p + "mlp.linear_fc2.weight": s[q + "mlp.2.weight"],
+            }
+        )
     shift, scale = mod_chunks("backbone.output_layer.adaLN_modulation", 2)
     zero("backbone.output_layer.adaLN_modulation.bias[scale]", scale)
     zero("backbone.output_layer.linear.bias")
-    out.update({"decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
-                "decoder.final_layernorm.bias": shift.clone(),
-                "output_layer.weight": s["backbone.output_layer.linear.weight"]})
+    out.update(
+        {
+            "decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
+            "decoder.final_layernorm.bias": shift.clone(),
+            "output_layer.weight": s["backbone.output_layer.linear.weight"],
+        }
+    )
 
     extra_cfg = config.get("bd3_megatron") or {}
     tokenizer = extra_cfg.get("tokenizer")
     mask_id = extra_cfg.get("mask_token_id")
     if mask_id is None:
-        _require(vocab in HF_KNOWN_VOCABS, f"{where}: vocab_size {vocab} matches neither reference vocabulary "
-                                           f"({', '.join(map(str, HF_KNOWN_VOCABS))}); the mask id is unknown")
+        _require(
+            vocab in HF_KNOWN_VOCABS,
+            f"{where}: vocab_size {vocab} matches neither reference vocabulary "
+            f"({', '.join(map(str, HF_KNOWN_VOCABS))}); the mask id is unknown",
+        )
         tokenizer, mask_id = HF_KNOWN_VOCABS[vocab]
     eps = tuple(_clip_value(config, s, k, d) for k, d in (("sampling_eps_min", 1e-3), ("sampling_eps_max", 1.0)))
-    net_cfg = NetConfig(num_layers=n, hidden_size=h, num_heads=heads, ffn_hidden_size=4 * h, vocab_size=vocab,
-                        mask_token_id=int(mask_id), seq_len=int(config["model_length"]),
-                        block_size=int(config["block_size"]),
-                        dropout=float(config["dropout"]) if config.get("dropout") is not None else None)
+    net_cfg = NetConfig(
+        num_layers=n,
+        hidden_size=h,
+        num_heads=heads,
+        ffn_hidden_size=4 * h,
+        vocab_size=vocab,
+        mask_token_id=int(mask_id),
+        seq_len=int(config["model_length"]),
+        block_size=int(config["block_size"]),
+        dropout=float(config["dropout"]) if config.get("dropout") is not None else None,
+    )
     notes = []
     if adaln:
-        notes.append("ignored backbone.sigma_map.* (the time embedding: unused because every adaLN weight is zero "
-                     "and time_conditioning is false)")
+        notes.append(
+            "ignored backbone.sigma_map.* (the time embedding: unused because every adaLN weight is zero "
+            "and time_conditioning is false)"
+        )
     source = dict(extra_cfg.get("source") or {}, imported_from="hf")
     return SamplerCheckpoint(net_cfg, out, tokenizer=tokenizer, clip_window=eps, source=source, notes=notes)
 

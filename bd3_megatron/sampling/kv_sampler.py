@@ -33,14 +33,16 @@ sample's own state, so a batch gives the same samples as running each sample alo
 reference's rule): a sample stops at its first generated EOS (kept), or when the token entropy of its last 256
 tokens falls below 4 nats (the low-entropy window is cut off).
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -97,7 +99,7 @@ class SampleResult:
 
     @property
     def generated(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len :]
 
     @property
     def entropy(self) -> float:
@@ -137,6 +139,7 @@ class Denoiser(Protocol):
     def start(self, prefix: torch.Tensor) -> None: ...  # clean context [b, P], P a multiple of L', P <= capacity
 
     def logits(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+
     # block [b, L'] -> fp32 logits [len(rows), L', V] of those batch rows (the network runs on all rows)
 
     def commit(self, block: torch.Tensor) -> None: ...  # the finished block joins the clean context
@@ -161,11 +164,11 @@ class RecomputeDenoiser:
         p = self.ctx.shape[1]
         x = torch.cat([self.ctx, block], dim=1)  # earlier noisy blocks hold their clean tokens (never read)
         hidden = self.net.bd3_hidden(x, x, block_size=self.block_size)
-        return self.net.logits(hidden.index_select(0, rows)[:, p:p + self.block_size])
+        return self.net.logits(hidden.index_select(0, rows)[:, p : p + self.block_size])
 
     def commit(self, block: torch.Tensor) -> None:
         ctx = torch.cat([self.ctx, block], dim=1)
-        self.ctx = ctx[:, ctx.shape[1] - min(ctx.shape[1], self.capacity):]  # drop whole oldest blocks
+        self.ctx = ctx[:, ctx.shape[1] - min(ctx.shape[1], self.capacity) :]  # drop whole oldest blocks
 
     def keep(self, rows: torch.Tensor) -> None:
         self.ctx = self.ctx.index_select(0, rows)
@@ -183,8 +186,9 @@ class CachedDenoiser:
         self.param = next(net.parameters())
 
     def start(self, prefix: torch.Tensor) -> None:
-        self.cache = KVCache(self.net.cfg, prefix.shape[0], self.capacity + 2 * self.block_size,
-                             self.param.device, self.param.dtype)
+        self.cache = KVCache(
+            self.net.cfg, prefix.shape[0], self.capacity + 2 * self.block_size, self.param.device, self.param.dtype
+        )
         self.pending = prefix if prefix.shape[1] else None
 
     def _call(self, block: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -204,7 +208,7 @@ class CachedDenoiser:
             mask = torch.zeros(n_p + n_b, t + n_p + n_b, dtype=torch.bool, device=dev)
             blk = torch.arange(n_p, device=dev) // lb
             mask[:n_p, :t] = True
-            mask[:n_p, t:t + n_p] = blk[None, :] <= blk[:, None]
+            mask[:n_p, t : t + n_p] = blk[None, :] <= blk[:, None]
             mask[n_p:, evict:] = True  # the block sees the surviving context, the new clean tokens and itself
         self.calls += 1
         hidden = self.net.run(tokens, positions, cache=cache, attn_mask=mask)
@@ -269,8 +273,14 @@ def propose(logits: torch.Tensor, gen: torch.Generator, nucleus_p: float, greedy
     return (j if ids is None else ids.gather(-1, j)).squeeze(1)
 
 
-def denoise_block(denoiser: Denoiser, block: torch.Tensor, gens: list[torch.Generator], opts: SampleOptions,
-                  mask_id: int, nfe: list[int]) -> torch.Tensor:
+def denoise_block(
+    denoiser: Denoiser,
+    block: torch.Tensor,
+    gens: list[torch.Generator],
+    opts: SampleOptions,
+    mask_id: int,
+    nfe: list[int],
+) -> torch.Tensor:
     """Unmask ``block`` [b, L'] (masked positions = ``mask_id``); ``nfe[r]`` counts the passes row r needed."""
     block = block.clone()
     b, lb = block.shape
@@ -304,7 +314,7 @@ def denoise_block(denoiser: Denoiser, block: torch.Tensor, gens: list[torch.Gene
                     continue  # unchanged: the x0-prediction stays valid
             elif opts.schedule == "first_hitting":
                 j = int(torch.randint(pos.numel(), (1,), generator=g, device=block.device))
-                pos = pos[j:j + 1]
+                pos = pos[j : j + 1]
             else:  # threshold: confidence = probability of the most likely token at the position
                 conf = torch.softmax(cached[r, pos].double(), dim=-1).amax(-1)
                 keep = conf > opts.threshold
@@ -334,8 +344,14 @@ def _stop_check(tokens: list[int], prompt_len: int, opts: SampleOptions, checked
 
 
 @torch.inference_mode()
-def generate(net: BD3Net, num_samples: int, opts: SampleOptions, prompt: Sequence[int] | torch.Tensor | None = None,
-             first_index: int = 0, progress: Callable[[int, int], None] | None = None) -> SampleStats:
+def generate(
+    net: BD3Net,
+    num_samples: int,
+    opts: SampleOptions,
+    prompt: Sequence[int] | torch.Tensor | None = None,
+    first_index: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> SampleStats:
     """Sample ``num_samples`` sequences as one batch (sample i uses generator (seed, first_index + i)).
 
     ``prompt``: token ids shared by all samples ([p]) or one row per sample ([n, p]); the first generated block
@@ -343,8 +359,10 @@ def generate(net: BD3Net, num_samples: int, opts: SampleOptions, prompt: Sequenc
     opts.validate()
     cfg = net.cfg
     if cfg.mode != "bd3":
-        raise ValueError(f"this is a model.mode={cfg.mode} checkpoint; the block diffusion sampler needs a bd3 model "
-                         f"(an ar checkpoint scores samples: tools/eval_ppl.py --gen-ppl-model)")
+        raise ValueError(
+            f"this is a model.mode={cfg.mode} checkpoint; the block diffusion sampler needs a bd3 model "
+            f"(an ar checkpoint scores samples: tools/eval_ppl.py --gen-ppl-model)"
+        )
     lb = opts.block_size or cfg.block_size
     if opts.context_len is None and lb > cfg.seq_len:  # else the rounded-down context below would read 0
         raise ValueError(f"block size {lb} is larger than the model's context of {cfg.seq_len} tokens (seq_len)")
@@ -368,7 +386,7 @@ def generate(net: BD3Net, num_samples: int, opts: SampleOptions, prompt: Sequenc
     den_cls = CachedDenoiser if opts.kv_cache else RecomputeDenoiser
     denoiser: Denoiser = den_cls(net, lb, context)
     capacity = context - lb
-    denoiser.start(prompt_t[:, full - min(full, capacity):full].to(device))
+    denoiser.start(prompt_t[:, full - min(full, capacity) : full].to(device))
 
     seqs = [row.tolist() for row in prompt_t[:, :full]]
     active = list(range(num_samples))

@@ -11,6 +11,7 @@ dict loads with ``load_state_dict(strict=True)``. Entry points:
   plus itself under an optional mask (used by the KV-cache sampler);
 * :meth:`BD3Net.causal_hidden` — the AR baseline's causal forward over x0 (``mode="ar"``), for scoring.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ class NetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
         names = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
         if missing:
@@ -77,14 +78,21 @@ def expected_shapes(cfg: NetConfig) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, h)}
     for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
-            p + "self_attention.linear_qkv.weight": (3 * h, h), p + "self_attention.linear_proj.weight": (h, h),
-            p + "pre_mlp_layernorm.weight": (h,), p + "pre_mlp_layernorm.bias": (h,),
-            p + "mlp.linear_fc1.weight": (f, h), p + "mlp.linear_fc2.weight": (h, f),
-        })
-    out.update({"decoder.final_layernorm.weight": (h,), "decoder.final_layernorm.bias": (h,),
-                "output_layer.weight": (v, h)})
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "input_layernorm.bias": (h,),
+                p + "self_attention.linear_qkv.weight": (3 * h, h),
+                p + "self_attention.linear_proj.weight": (h, h),
+                p + "pre_mlp_layernorm.weight": (h,),
+                p + "pre_mlp_layernorm.bias": (h,),
+                p + "mlp.linear_fc1.weight": (f, h),
+                p + "mlp.linear_fc2.weight": (h, f),
+            }
+        )
+    out.update(
+        {"decoder.final_layernorm.weight": (h,), "decoder.final_layernorm.bias": (h,), "output_layer.weight": (v, h)}
+    )
     return out
 
 
@@ -159,14 +167,20 @@ class BD3Net(nn.Module):
     def shift_keys(self, k: torch.Tensor, delta: int) -> torch.Tensor:
         """Re-base post-rotary keys by ``-delta`` positions (RoPE rotations compose): used when the sliding
         window drops its oldest block, so cached keys keep positions 0.. like a recomputed window."""
-        ang = torch.outer(torch.tensor([-float(delta)], dtype=torch.float64, device=k.device),
-                          self.inv_freq(k.device).double())
+        ang = torch.outer(
+            torch.tensor([-float(delta)], dtype=torch.float64, device=k.device), self.inv_freq(k.device).double()
+        )
         emb = torch.cat((ang, ang), dim=-1)
         return self._rope(k, emb.cos().float(), emb.sin().float())
 
     # ---- forward pieces ----
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "KVCache | None" = None,
-            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states [b, S, h] after the final LayerNorm for ``tokens`` [b, S] at ``positions`` [S].
 
         Without ``cache`` the span attends to itself. With it, the span's post-rotary K/V are written at
@@ -187,9 +201,9 @@ class BD3Net(nn.Module):
             q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))  # megatron: per head [q | k | v]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             if cache is not None:
-                cache.k[i][:, :, t0:t0 + s] = k
-                cache.v[i][:, :, t0:t0 + s] = v
-                k, v = cache.k[i][:, :, :t0 + s], cache.v[i][:, :, :t0 + s]
+                cache.k[i][:, :, t0 : t0 + s] = k
+                cache.v[i][:, :, t0 : t0 + s] = v
+                k, v = cache.k[i][:, :, : t0 + s], cache.v[i][:, :, : t0 + s]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
             x = x + layer.self_attention.linear_proj(a.transpose(1, 2).reshape(b, s, -1))
             h = layer.pre_mlp_layernorm(x)
@@ -202,8 +216,9 @@ class BD3Net(nn.Module):
         logits[..., self.cfg.mask_token_id] = float("-inf")
         return logits
 
-    def bd3_logits(self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None,
-                   block_size: int | None = None) -> torch.Tensor:
+    def bd3_logits(
+        self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None, block_size: int | None = None
+    ) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) of the forward over x_t ⊕ x0 (each [b, P],
         P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask: the training forward."""
         end = xt.shape[1] if end is None else end
@@ -246,13 +261,14 @@ class KVCache:
             return
         keep = self.length - n
         for i in range(len(self.k)):
-            self.k[i][:, :, :keep] = net.shift_keys(self.k[i][:, :, n:self.length], n)
-            self.v[i][:, :, :keep] = self.v[i][:, :, n:self.length].clone()
+            self.k[i][:, :, :keep] = net.shift_keys(self.k[i][:, :, n : self.length], n)
+            self.v[i][:, :, :keep] = self.v[i][:, :, n : self.length].clone()
         self.length = keep
 
 
-def build_net(cfg: NetConfig, state: dict[str, torch.Tensor] | None = None,
-              device: str | torch.device = "cpu") -> BD3Net:
+def build_net(
+    cfg: NetConfig, state: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu"
+) -> BD3Net:
     """The network (fp32, eval mode) with ``state`` loaded strictly, shapes checked against
     :func:`expected_shapes` first; without ``state``, small random weights (benchmarks, tests)."""
     with torch.device("meta"):  # no throw-away random init of large matrices

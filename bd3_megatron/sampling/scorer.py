@@ -15,12 +15,14 @@ scored in sliding windows (context C, stride C/2; each later window scores only 
 are the scorer's EOS token are not counted (the reference excludes them). The first token is never counted: no
 causal scorer has context for it.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +60,7 @@ def sequence_nll(scorer: Scorer, ids: Sequence[int]) -> torch.Tensor:
     out = torch.full((len(ids_t),), float("nan"))
     for start, end, first in window_spans(len(ids_t), scorer.context, max(scorer.context // 2, 1)):
         nll = scorer.window_nll(ids_t[start:end]).float().cpu()
-        out[first:end] = nll[first - start:]
+        out[first:end] = nll[first - start :]
     return out
 
 
@@ -83,8 +85,12 @@ def generative_perplexity(scorer: Scorer, texts: Sequence[str]) -> GenerativePer
         per_sample.append(math.exp(float(nll[keep].mean())) if n else float("nan"))
         total, count = total + float(nll[keep].sum()), count + n
     finite = [p for p in per_sample if not math.isnan(p)]
-    return GenerativePerplexity(per_sample=per_sample, mean=sum(finite) / len(finite) if finite else float("nan"),
-                                token_weighted=math.exp(total / count) if count else float("nan"), tokens=count)
+    return GenerativePerplexity(
+        per_sample=per_sample,
+        mean=sum(finite) / len(finite) if finite else float("nan"),
+        token_weighted=math.exp(total / count) if count else float("nan"),
+        tokens=count,
+    )
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -102,9 +108,11 @@ class ProjectScorer:
 
         cfg = ckpt.config
         if cfg.mode == "bd3" and cfg.block_size != 1:
-            raise ValueError(f"a bd3 model with block size L'={cfg.block_size} is not an autoregressive scorer (its "
-                             f"likelihood is only bounded by the NELBO); score with a model.mode=ar checkpoint or a "
-                             f"bd3 model trained with model.block_size=1")
+            raise ValueError(
+                f"a bd3 model with block size L'={cfg.block_size} is not an autoregressive scorer (its "
+                f"likelihood is only bounded by the NELBO); score with a model.mode=ar checkpoint or a "
+                f"bd3 model trained with model.block_size=1"
+            )
         if not ckpt.tokenizer:
             raise ValueError("the checkpoint names no tokenizer, so texts cannot be retokenized for scoring")
         from data_pipeline.tokenizers import get_tokenizer
@@ -179,6 +187,8 @@ def load_scorer(path: str | Path, device: torch.device | str = "cpu") -> Scorer:
 
         return ProjectScorer(read_input(path, log=lambda msg: None), device=device)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"scorer {path} is neither a checkpoint of this project (training checkpoint or "
-                                f"tools/convert.py folder) nor a Hugging Face model folder (no config.json)")
+        raise FileNotFoundError(
+            f"scorer {path} is neither a checkpoint of this project (training checkpoint or "
+            f"tools/convert.py folder) nor a Hugging Face model folder (no config.json)"
+        )
     return HFScorer(path, device=device)

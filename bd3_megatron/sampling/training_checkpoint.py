@@ -4,10 +4,12 @@ The shards are merged by :func:`bd3_megatron.training.checkpoint.load_full_weigh
 here the vocabulary padding rows are dropped and the result is checked against the network's expected shapes.
 Used by ``tools/convert.py``, ``tools/eval_ppl.py`` (own checkpoints as generative-perplexity scorers) and tests.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -47,12 +49,22 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
         m = meta["config"]["model"]
         mode = m.get("mode", "bd3")
         if mode not in ("bd3", "ar"):
-            raise ValueError(f"this checkpoint is a model.mode={mode} baseline; the sampler checkpoint format holds "
-                             f"bd3 models and the ar baseline (evaluate {mode} with tools/eval_ppl.py)")
-        return NetConfig(num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_heads=m["num_heads"],
-                         ffn_hidden_size=m.get("ffn_hidden_size") or 4 * m["hidden_size"],
-                         vocab_size=int(meta["vocab_size"]), mask_token_id=int(meta["mask_token_id"]),
-                         seq_len=m["seq_len"], block_size=m["block_size"], mode=mode, dropout=m.get("dropout"))
+            raise ValueError(
+                f"this checkpoint is a model.mode={mode} baseline; the sampler checkpoint format holds "
+                f"bd3 models and the ar baseline (evaluate {mode} with tools/eval_ppl.py)"
+            )
+        return NetConfig(
+            num_layers=m["num_layers"],
+            hidden_size=m["hidden_size"],
+            num_heads=m["num_heads"],
+            ffn_hidden_size=m.get("ffn_hidden_size") or 4 * m["hidden_size"],
+            vocab_size=int(meta["vocab_size"]),
+            mask_token_id=int(meta["mask_token_id"]),
+            seq_len=m["seq_len"],
+            block_size=m["block_size"],
+            mode=mode,
+            dropout=m.get("dropout"),
+        )
     except KeyError as exc:
         raise ValueError(f"checkpoint metadata lacks {exc}; it was not written by this trainer") from None
 
@@ -69,8 +81,9 @@ def clip_window_of(meta: dict[str, Any]) -> tuple[float, float]:
     return float(d.get("eps_min", 1e-3)), float(d.get("eps_max", 1.0))
 
 
-def gather_training_checkpoint(step_dir: Path, weights: str | None = None,
-                               log: Callable[[str], None] = print) -> SamplerCheckpoint:
+def gather_training_checkpoint(
+    step_dir: Path, weights: str | None = None, log: Callable[[str], None] = print
+) -> SamplerCheckpoint:
     """Full fp32 weights of a training checkpoint: ``weights`` = "ema", "raw" or None (EMA when present)."""
     step_dir = Path(step_dir)
     meta = ckpt.read_metadata(step_dir)  # refuses partial/truncated checkpoints
@@ -91,14 +104,21 @@ def gather_training_checkpoint(step_dir: Path, weights: str | None = None,
             t = t[: cfg.vocab_size]  # rows beyond the vocabulary are TP padding
         state[name] = t.contiguous()
     check_state(cfg, state)
-    source = {"kind": "training-checkpoint", "path": str(step_dir.resolve()), "step": int(meta["step"]),
-              "layout": meta["layout"], "weights": use}
-    return SamplerCheckpoint(cfg, state, tokenizer=meta.get("tokenizer"), clip_window=clip_window_of(meta),
-                             source=source)
+    source = {
+        "kind": "training-checkpoint",
+        "path": str(step_dir.resolve()),
+        "step": int(meta["step"]),
+        "layout": meta["layout"],
+        "weights": use,
+    }
+    return SamplerCheckpoint(
+        cfg, state, tokenizer=meta.get("tokenizer"), clip_window=clip_window_of(meta), source=source
+    )
 
 
-def read_input(path: Path, step: int | None = None, weights: str | None = None,
-               log: Callable[[str], None] = print) -> SamplerCheckpoint:
+def read_input(
+    path: Path, step: int | None = None, weights: str | None = None, log: Callable[[str], None] = print
+) -> SamplerCheckpoint:
     """A training checkpoint (root or step dir) or a native/HF sampler folder, as a SamplerCheckpoint."""
     path = Path(path)
     if not path.exists():

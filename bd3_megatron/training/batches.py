@@ -8,6 +8,7 @@ Validation row j is noised as sample j of a training-like step j // EVAL_NOISE_G
 EVAL_NOISE_GROUP rows, so its noise depends only on (seed, j, noise draw): not on the batch size, the data-parallel
 size or how many rows are scored.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,9 +67,18 @@ class BatchMaker:
         self.window = ClipWindow(d.eps_min, d.eps_max)
         self.schedule = get_schedule(d.schedule)
 
-    def corrupt(self, x0: torch.Tensor, sample_index: torch.Tensor, step: int, *, window: ClipWindow | None = None,
-                resample: bool | None = None, global_batch: int | None = None, seed_offset: int = 0,
-                padding: torch.Tensor | None = None) -> MicroBatch:
+    def corrupt(
+        self,
+        x0: torch.Tensor,
+        sample_index: torch.Tensor,
+        step: int,
+        *,
+        window: ClipWindow | None = None,
+        resample: bool | None = None,
+        global_batch: int | None = None,
+        seed_offset: int = 0,
+        padding: torch.Tensor | None = None,
+    ) -> MicroBatch:
         """Training batches use the current window (``self.window``, moved by the clip search) with the configured
         resampling; evaluation passes its own window, and resampling only if asked. ``padding`` [b, L] (True at
         padding, or None) comes with --pad rows: padding positions are never masked, so their weight is 0; the noise
@@ -82,23 +92,33 @@ class BatchMaker:
             resample = d.resample and window is None
         x0 = x0.to(self.device)
         sample_index = sample_index.to(self.device)
-        c = noise.corrupt(x0, sample_index, step, seed=self.cfg.train.seed + seed_offset,
-                          block_size=self.cfg.model.block_size, window=window or self.window,
-                          mask_token_id=self.mask_token_id,
-                          global_batch_size=global_batch or self.cfg.train.global_batch_size,
-                          antithetic=d.antithetic, resample=resample, ignore_bos=d.ignore_bos,
-                          max_tries=d.resample_tries)
+        c = noise.corrupt(
+            x0,
+            sample_index,
+            step,
+            seed=self.cfg.train.seed + seed_offset,
+            block_size=self.cfg.model.block_size,
+            window=window or self.window,
+            mask_token_id=self.mask_token_id,
+            global_batch_size=global_batch or self.cfg.train.global_batch_size,
+            antithetic=d.antithetic,
+            resample=resample,
+            ignore_bos=d.ignore_bos,
+            max_tries=d.resample_tries,
+        )
         masked, xt = c.masked, c.xt
         if padding is not None:  # drawn as usual (same keys), then padding is taken out of the mask
             masked = masked & ~padding
             xt = torch.where(padding, x0, xt)
         # per-token NELBO weight: the SUBS NELBO of a unit cross-entropy at every token
         weight = token_nelbo(torch.ones_like(c.t_tokens), masked, c.t_tokens, self.schedule)
-        return MicroBatch(x0=x0, xt=xt, masked=masked, weight=weight.float(), t=c.t,
-                          sample_index=sample_index, padding=padding)
+        return MicroBatch(
+            x0=x0, xt=xt, masked=masked, weight=weight.float(), t=c.t, sample_index=sample_index, padding=padding
+        )
 
-    def eval_batch(self, rows, slots: np.ndarray, n_rows: int, window: ClipWindow, resample: bool = False,
-                   noise_draw: int = 0) -> MicroBatch:
+    def eval_batch(
+        self, rows, slots: np.ndarray, n_rows: int, window: ClipWindow, resample: bool = False, noise_draw: int = 0
+    ) -> MicroBatch:
         """A fixed-noise validation micro-batch over positions ``slots`` [b] of the first ``n_rows`` rows of
         ``rows`` (a ``rows(idx) -> [b, L]`` dataset). Slots >= n_rows are padding: they repeat the last row, get
         weight 0 and ``valid`` False, so every rank runs the same number of equally sized micro-batches.
@@ -109,20 +129,30 @@ class BatchMaker:
         padding = padding_mask(x0, rows.pad_token_id)
         index = torch.from_numpy(slots.astype(np.int64))
         group = torch.from_numpy(slots // EVAL_NOISE_GROUP)
-        parts = [self.corrupt(x0[group == g], index[group == g], int(g), window=window, resample=resample,
-                              global_batch=EVAL_NOISE_GROUP,
-                              seed_offset=EVAL_SEED_OFFSET + EVAL_DRAW_STRIDE * noise_draw,
-                              padding=None if padding is None else padding[group == g])
-                 for g in torch.unique(group)]  # one part unless the batch straddles a group boundary
-        batch = MicroBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                             ("x0", "xt", "masked", "weight", "t", "sample_index")),
-                           padding=None if padding is None else torch.cat([p.padding for p in parts]),
-                           valid=valid.to(self.device))
+        parts = [
+            self.corrupt(
+                x0[group == g],
+                index[group == g],
+                int(g),
+                window=window,
+                resample=resample,
+                global_batch=EVAL_NOISE_GROUP,
+                seed_offset=EVAL_SEED_OFFSET + EVAL_DRAW_STRIDE * noise_draw,
+                padding=None if padding is None else padding[group == g],
+            )
+            for g in torch.unique(group)
+        ]  # one part unless the batch straddles a group boundary
+        batch = MicroBatch(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("x0", "xt", "masked", "weight", "t", "sample_index")),
+            padding=None if padding is None else torch.cat([p.padding for p in parts]),
+            valid=valid.to(self.device),
+        )
         batch.weight[~batch.valid] = 0.0
         return batch
 
-    def _next_token_batch(self, x0: torch.Tensor, sample_index: torch.Tensor,
-                          padding: torch.Tensor | None = None) -> MicroBatch:
+    def _next_token_batch(
+        self, x0: torch.Tensor, sample_index: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> MicroBatch:
         """The AR baseline: predict every real token but the first from its prefix. The weight (tokens averaged over) /
         (tokens predicted), L/(L-1) without padding, makes the loss mean equal the mean NLL of the predicted ones."""
         b, seq = x0.shape
@@ -134,5 +164,6 @@ class BatchMaker:
             predicted &= ~padding
             weight = predicted.float() * ((~padding).sum() / predicted.sum().clamp_min(1))
         t = torch.ones(b, seq // self.cfg.model.block_size, device=x0.device)
-        return MicroBatch(x0=x0, xt=x0, masked=predicted, weight=weight, t=t, sample_index=sample_index,
-                          padding=padding)
+        return MicroBatch(
+            x0=x0, xt=x0, masked=predicted, weight=weight, t=t, sample_index=sample_index, padding=padding
+        )

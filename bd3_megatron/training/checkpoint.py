@@ -15,6 +15,7 @@ writer, fsynced, and the folder fsynced before the rename that publishes it. A c
 with its folder name, whose files differ in size or content hash from the metadata, or that holds non-finite tensors
 is damaged (:class:`CheckpointDamaged`) and never loaded; resume then falls back to the next older one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,7 @@ class CheckpointDamaged(CheckpointError):
 
 
 class CheckpointSaveError(CheckpointError):
-    """Writing a checkpoint failed (e.g. ENOSPC); the partial folder was removed, published checkpoints are untouched."""
+    """Writing a checkpoint failed (e.g. ENOSPC); the partial folder was removed, published ones are untouched."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,10 @@ def check_dir_writable(path: str | Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise CheckpointError(f"checkpoint.dir {path} is not writable ({exc.strerror or exc}); fix its permissions "
-                              f"or choose another checkpoint.dir") from None
+        raise CheckpointError(
+            f"checkpoint.dir {path} is not writable ({exc.strerror or exc}); fix its permissions "
+            f"or choose another checkpoint.dir"
+        ) from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -215,9 +218,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save_checkpoint(root: str | Path, step: int, layout: Layout, *, model_state: dict, optim_state: dict,
-                    metadata: dict[str, Any], keep: int = 0, verified: set[str] | None = None,
-                    resumed_step: int | None = None, intact_step: int | None = None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    layout: Layout,
+    *,
+    model_state: dict,
+    optim_state: dict,
+    metadata: dict[str, Any],
+    keep: int = 0,
+    verified: set[str] | None = None,
+    resumed_step: int | None = None,
+    intact_step: int | None = None,
+) -> Path:
     """Collective: every rank calls it. Returns the published directory.
 
     Each rank writes and fsyncs its files in ``step_N.tmp`` (hashing them as written); rank 0 writes the metadata
@@ -268,9 +281,15 @@ def save_checkpoint(root: str | Path, step: int, layout: Layout, *, model_state:
         published = False
         try:
             all_files = {name: entry for f, _ in written for name, entry in f.items()}
-            meta = dict(metadata, format_version=FORMAT_VERSION, step=step, saved_at=time.time(),
-                        layout={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}, versions=_library_versions(),
-                        files=dict(sorted(all_files.items())))
+            meta = dict(
+                metadata,
+                format_version=FORMAT_VERSION,
+                step=step,
+                saved_at=time.time(),
+                layout={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                versions=_library_versions(),
+                files=dict(sorted(all_files.items())),
+            )
             meta["metadata_sha256"] = metadata_digest(meta)
             _atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=2, sort_keys=True))
             _fsync_dir(tmp)
@@ -347,10 +366,13 @@ def resume_candidates(spec: str, root: str | Path | None) -> tuple[list[Path], l
     if _STEP_RE.match(name) and (root / name).is_dir():
         return [root / name] + [p for p in steps if p.name < name], []
     if not steps:
-        raise CheckpointError(f"{tracker} names '{name}', which is not a checkpoint directory, and {root} holds no "
-                              f"step folder; restore the checkpoint, or remove {tracker} to start from step 0")
-    return steps, [f"{tracker} names '{name}', which is not a checkpoint directory; using the newest intact step "
-                   f"folder"]
+        raise CheckpointError(
+            f"{tracker} names '{name}', which is not a checkpoint directory, and {root} holds no "
+            f"step folder; restore the checkpoint, or remove {tracker} to start from step 0"
+        )
+    return steps, [
+        f"{tracker} names '{name}', which is not a checkpoint directory; using the newest intact step folder"
+    ]
 
 
 def resolve_checkpoint(spec: str, root: str | Path | None) -> Path | None:
@@ -365,15 +387,19 @@ def read_metadata(path: Path) -> dict[str, Any]:
     folder name, a missing file or one whose size differs. Content hashes are checked by :func:`load_file`."""
     meta_file = path / "metadata.json"
     if path.name.endswith(".tmp") or not meta_file.exists():
-        raise CheckpointDamaged(f"{path} is an incomplete checkpoint (no metadata.json: the save did not finish); "
-                                f"resume from an earlier step")
+        raise CheckpointDamaged(
+            f"{path} is an incomplete checkpoint (no metadata.json: the save did not finish); "
+            f"resume from an earlier step"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointDamaged(f"{meta_file} is corrupt ({exc}); resume from an earlier step") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
-        raise CheckpointError(f"{path} has format version {meta.get('format_version') if isinstance(meta, dict) else '?'}"
-                              f", this code reads {', '.join(map(str, _READABLE_VERSIONS))}")
+        raise CheckpointError(
+            f"{path} has format version {meta.get('format_version') if isinstance(meta, dict) else '?'}"
+            f", this code reads {', '.join(map(str, _READABLE_VERSIONS))}"
+        )
     if meta["format_version"] >= 2 and meta.get("metadata_sha256") != metadata_digest(meta):
         raise CheckpointDamaged(f"{meta_file} does not match its recorded digest: it was edited or corrupted")
     folder = _STEP_RE.match(path.name)
@@ -385,8 +411,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
         if not f.exists():
             raise CheckpointDamaged(f"{path} is missing {name}; the checkpoint is incomplete")
         if f.stat().st_size != size:
-            raise CheckpointDamaged(f"{f} has {f.stat().st_size} bytes, metadata says {size}: the file is truncated "
-                                    f"or was modified")
+            raise CheckpointDamaged(
+                f"{f} has {f.stat().st_size} bytes, metadata says {size}: the file is truncated or was modified"
+            )
     return meta
 
 
@@ -396,8 +423,10 @@ def _refusal(path: Path, exc: Exception) -> str:
     text = str(exc)
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
-        return (f"{path} references {found.group(1)}, which a checkpoint may not contain (only tensors and plain "
-                f"containers are loaded); the file was not written by this trainer or was tampered with")
+        return (
+            f"{path} references {found.group(1)}, which a checkpoint may not contain (only tensors and plain "
+            f"containers are loaded); the file was not written by this trainer or was tampered with"
+        )
     lines = [ln for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
     return f"cannot read {path}: {type(exc).__name__}: {lines[0] if lines else 'unreadable'}"
 
@@ -413,8 +442,9 @@ def load_file(path: Path, safe_globals: list | None = None, meta: dict[str, Any]
     except OSError as exc:
         raise CheckpointDamaged(f"cannot read {path}: {exc.strerror or exc}") from None
     if isinstance(entry, dict) and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointDamaged(f"{path} does not match the sha256 recorded when it was saved: the file was modified "
-                                f"or corrupted")
+        raise CheckpointDamaged(
+            f"{path} does not match the sha256 recorded when it was saved: the file was modified or corrupted"
+        )
     try:
         with torch.serialization.safe_globals(safe_globals or []):
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -422,8 +452,10 @@ def load_file(path: Path, safe_globals: list | None = None, meta: dict[str, Any]
         raise CheckpointDamaged(_refusal(path, exc)) from None
     bad = non_finite(obj)
     if bad:
-        raise CheckpointDamaged(f"{path} holds non-finite values in {', '.join(bad[:3])}"
-                                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}")
+        raise CheckpointDamaged(
+            f"{path} holds non-finite values in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}"
+        )
     return obj
 
 
@@ -433,8 +465,14 @@ def layout_matches(meta: dict[str, Any], layout: Layout) -> bool:
 
 
 # How megatron-core splits each tensor across tensor-parallel ranks, for model files that do not record it.
-_DEFAULT_PARTITION = {"word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0,
-                      "linear_fc1.weight": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
+_DEFAULT_PARTITION = {
+    "word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    "linear_qkv.weight": 0,
+    "linear_fc1.weight": 0,
+    "linear_proj.weight": 1,
+    "linear_fc2.weight": 1,
+}
 
 
 def default_partition(name: str) -> int | None:
@@ -487,8 +525,10 @@ def load_full_weights(path: Path, meta: dict[str, Any], log=None) -> tuple[dict[
             if partition.get(name) is None:
                 for r, other in enumerate(parts[1:], start=1):
                     if log is not None and not torch.equal(other, parts[0]):
-                        log(f"warning: replicated {name} differs between tp ranks 0 and {r} (max |diff| "
-                            f"{(other.float() - parts[0].float()).abs().max().item():.3g}); using rank 0")
+                        log(
+                            f"warning: replicated {name} differs between tp ranks 0 and {r} (max |diff| "
+                            f"{(other.float() - parts[0].float()).abs().max().item():.3g}); using rank 0"
+                        )
                 out[name] = parts[0]
             else:
                 out[name] = torch.cat(parts, dim=partition[name])
@@ -513,8 +553,9 @@ def shard_for_rank(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     want = param.shape[dim] * tp
     if full.shape[dim] != want:  # padded vocabulary: different tp => different padding
         if dim != 0:
-            raise CheckpointError(f"checkpoint tensor of shape {tuple(full.shape)} cannot be resharded to "
-                                  f"{tp} x {tuple(param.shape)}")
+            raise CheckpointError(
+                f"checkpoint tensor of shape {tuple(full.shape)} cannot be resharded to {tp} x {tuple(param.shape)}"
+            )
         rows = min(full.shape[0], want)
         padded = torch.zeros((want, *full.shape[1:]), dtype=full.dtype)
         padded[:rows] = full[:rows]
@@ -522,8 +563,9 @@ def shard_for_rank(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full.chunk(tp, dim=dim)[rank]
 
 
-def load_resharded(path: Path, meta: dict[str, Any], named: dict[str, torch.Tensor],
-                   canonical: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict | None]:
+def load_resharded(
+    path: Path, meta: dict[str, Any], named: dict[str, torch.Tensor], canonical: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Weights (and EMA) of a checkpoint of any TP/PP layout, sliced for this rank's parameters."""
     full, ema = load_full_weights(path, meta)
     mine = {canonical[n]: p for n, p in named.items()}
@@ -542,4 +584,5 @@ def check_layout(meta: dict[str, Any], layout: Layout, path: Path) -> None:
         raise CheckpointError(
             f"{path} was saved with tp={saved['tp']} pp={saved['pp']} dp={saved['dp']} but this run is "
             f"tp={layout.tp} pp={layout.pp} dp={layout.dp}; resume with the same layout, or set "
-            f"checkpoint.reshard=true to load the weights resharded with a fresh optimizer state")
+            f"checkpoint.reshard=true to load the weights resharded with a fresh optimizer state"
+        )

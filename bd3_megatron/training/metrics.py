@@ -1,4 +1,5 @@
 """metrics.jsonl, the console progress line and optional Weights & Biases logging (logging rank only)."""
+
 from __future__ import annotations
 
 import collections
@@ -36,21 +37,32 @@ class VarianceWatch:
             return None
         self.values.append(value)
         values = list(self.values)
-        past, now = values[:-self.recent], values[-self.recent:]
+        past, now = values[: -self.recent], values[-self.recent :]
         if not self.factor or len(past) < self.min_history:
             return None
         recent_median, past_median = statistics.median(now), statistics.median(past)
         was_high, self.high = self.high, recent_median > self.factor * past_median
         if self.high and not was_high:
-            return (f"per-block NELBO variance: median {recent_median:.4g} over the last {self.recent} steps is above "
-                    f"{self.factor:g}x its median {past_median:.4g} over the {len(past)} steps before (a sustained "
-                    f"rise, not one heavy-tailed step); check the loss, optim.lr and the data")
+            return (
+                f"per-block NELBO variance: median {recent_median:.4g} over the last {self.recent} steps is above "
+                f"{self.factor:g}x its median {past_median:.4g} over the {len(past)} steps before (a sustained "
+                f"rise, not one heavy-tailed step); check the loss, optim.lr and the data"
+            )
         return None
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | Path, enabled: bool, *, progress: bool = True, max_steps: int = 0,
-                 wandb_project: str | None = None, wandb_mode: str = "offline", config: dict | None = None):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        enabled: bool,
+        *,
+        progress: bool = True,
+        max_steps: int = 0,
+        wandb_project: str | None = None,
+        wandb_mode: str = "offline",
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.max_steps = max_steps
         self.tty = progress and sys.stdout.isatty()
@@ -65,8 +77,9 @@ class MetricsLogger:
             import wandb
 
             # WANDB_MODE in the environment (e.g. set by a Slurm site profile) wins over log.wandb_mode
-            self._wandb = wandb.init(project=wandb_project, config=config, dir=str(self.dir),
-                                     mode=os.environ.get("WANDB_MODE", wandb_mode))
+            self._wandb = wandb.init(
+                project=wandb_project, config=config, dir=str(self.dir), mode=os.environ.get("WANDB_MODE", wandb_mode)
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,4 +1,5 @@
 """Optimizer pieces that do not depend on the parallel engine: LR schedule and the EMA of weights."""
+
 from __future__ import annotations
 
 import math

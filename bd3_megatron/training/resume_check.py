@@ -11,6 +11,7 @@ Three kinds of setting (the keys of bd3_megatron.config):
 - everything else (learning rate, schedule, eval and log settings, ...) may change freely: a deliberate choice that
   the new config states.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,11 +19,23 @@ from typing import Any
 from bd3_megatron.config import Config
 from bd3_megatron.training.checkpoint import CheckpointError
 
-FIXED = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.ffn_hidden_size", "model.seq_len",
-         "model.block_size", "model.mode", "data.tokenizer", "train.global_batch_size", "diffusion.schedule")
-_HINTS = {"model.block_size": "to fine-tune at another block size, start a new checkpoint.dir with "
-                              "checkpoint.init_from=<this checkpoint>",
-          "train.global_batch_size": "the data stream's position is counted in samples of this batch size"}
+FIXED = (
+    "model.num_layers",
+    "model.hidden_size",
+    "model.num_heads",
+    "model.ffn_hidden_size",
+    "model.seq_len",
+    "model.block_size",
+    "model.mode",
+    "data.tokenizer",
+    "train.global_batch_size",
+    "diffusion.schedule",
+)
+_HINTS = {
+    "model.block_size": "to fine-tune at another block size, start a new checkpoint.dir with "
+    "checkpoint.init_from=<this checkpoint>",
+    "train.global_batch_size": "the data stream's position is counted in samples of this batch size",
+}
 # what identifies the training data in a checkpoint's metadata["data"]: the prepared manifest's document hash when
 # both sides have one (the folder may move), else the raw text source and its split counts
 _DATA_HASH = ("documents_sha256", "train_rows", "train_tokens")
@@ -41,12 +54,14 @@ def data_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """``key old -> new`` for each identity field of the training data that differs (fields absent on either side,
     as in checkpoints written before a field existed, are not compared)."""
     keys = _DATA_HASH if "documents_sha256" in saved and "documents_sha256" in current else _DATA_TEXT
-    return [f"{k} {saved[k]!r} -> {current[k]!r}" for k in keys
-            if k in saved and k in current and saved[k] != current[k]]
+    return [
+        f"{k} {saved[k]!r} -> {current[k]!r}" for k in keys if k in saved and k in current and saved[k] != current[k]
+    ]
 
 
-def check_resume(path, meta: dict[str, Any], cfg: Config, data_info: dict[str, Any], vocab_size: int,
-                 mask_token_id: int) -> list[str]:
+def check_resume(
+    path, meta: dict[str, Any], cfg: Config, data_info: dict[str, Any], vocab_size: int, mask_token_id: int
+) -> list[str]:
     """Raise CheckpointError (one line: key, checkpoint value, this run's value, the fix) for a setting this run may
     not change; return the log lines for the changes ``checkpoint.allow_changes`` accepts."""
     saved, now = meta["config"], cfg.to_dict()
@@ -54,32 +69,45 @@ def check_resume(path, meta: dict[str, Any], cfg: Config, data_info: dict[str, A
         old, new = _value(saved, key), _value(now, key)
         if old is not None and old != new:
             hint = _HINTS.get(key, "it changes the model's tensors or what they mean")
-            raise CheckpointError(f"{path} was trained with {key}={old} but this run has {key}={new}; resume with "
-                                  f"{key}={old} ({hint})")
-    for what, old, new in (("vocabulary size", meta.get("vocab_size"), vocab_size),
-                           ("mask token id", meta.get("mask_token_id"), mask_token_id)):
+            raise CheckpointError(
+                f"{path} was trained with {key}={old} but this run has {key}={new}; resume with {key}={old} ({hint})"
+            )
+    for what, old, new in (
+        ("vocabulary size", meta.get("vocab_size"), vocab_size),
+        ("mask token id", meta.get("mask_token_id"), mask_token_id),
+    ):
         if old is not None and old != new:
-            raise CheckpointError(f"{path} was trained with {what} {old} but this run's tokenizer "
-                                  f"({cfg.data.tokenizer}) has {new}; resume with the checkpoint's tokenizer")
+            raise CheckpointError(
+                f"{path} was trained with {what} {old} but this run's tokenizer "
+                f"({cfg.data.tokenizer}) has {new}; resume with the checkpoint's tokenizer"
+            )
     allowed, notes = cfg.checkpoint.allow_changes, []
     old_seed = saved["train"]["seed"]
     if old_seed != cfg.train.seed:
         if "train.seed" not in allowed:
-            raise CheckpointError(f"{path} was trained with train.seed={old_seed} but this run has "
-                                  f"train.seed={cfg.train.seed}: noise and data order would not continue the "
-                                  f"checkpoint's run; resume with train.seed={old_seed}, or set "
-                                  f"checkpoint.allow_changes=[train.seed] to change it on purpose")
-        notes.append(f"note: train.seed {old_seed} -> {cfg.train.seed} (checkpoint.allow_changes): noise and data "
-                     f"order differ from the checkpoint's run from step {meta['step']} on")
+            raise CheckpointError(
+                f"{path} was trained with train.seed={old_seed} but this run has "
+                f"train.seed={cfg.train.seed}: noise and data order would not continue the "
+                f"checkpoint's run; resume with train.seed={old_seed}, or set "
+                f"checkpoint.allow_changes=[train.seed] to change it on purpose"
+            )
+        notes.append(
+            f"note: train.seed {old_seed} -> {cfg.train.seed} (checkpoint.allow_changes): noise and data "
+            f"order differ from the checkpoint's run from step {meta['step']} on"
+        )
     diffs = data_differences(meta.get("data", {}), data_info)
     if diffs:
         where = f"{saved['data']['path']!r} -> {cfg.data.path!r}"
         if "data.path" not in allowed:
-            raise CheckpointError(f"{path} was trained on other data than this run's (data.path {where}: "
-                                  f"{'; '.join(diffs)}); resume on the same data, or set "
-                                  f"checkpoint.allow_changes=[data.path] to change it on purpose")
-        notes.append(f"note: training data changed (checkpoint.allow_changes: data.path {where}: {'; '.join(diffs)});"
-                     f" the data stream continues at sample {meta.get('consumed_samples')} of the new data")
+            raise CheckpointError(
+                f"{path} was trained on other data than this run's (data.path {where}: "
+                f"{'; '.join(diffs)}); resume on the same data, or set "
+                f"checkpoint.allow_changes=[data.path] to change it on purpose"
+            )
+        notes.append(
+            f"note: training data changed (checkpoint.allow_changes: data.path {where}: {'; '.join(diffs)});"
+            f" the data stream continues at sample {meta.get('consumed_samples')} of the new data"
+        )
     return notes
 
 

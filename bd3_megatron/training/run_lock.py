@@ -10,6 +10,7 @@ so a lock is never left held by a dead run. The file's text names the holder (ho
 message; a clean exit deletes the file, so a file found without a holder is the trace of a run that crashed: it is
 reported as a stale lock and taken over.
 """
+
 from __future__ import annotations
 
 import errno
@@ -65,8 +66,10 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise RunLockError(f"cannot create the run lock {self.path} ({exc.strerror}); checkpoint.dir must "
-                                   f"be a writable directory") from None
+                raise RunLockError(
+                    f"cannot create the run lock {self.path} ({exc.strerror}); checkpoint.dir must "
+                    f"be a writable directory"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -74,12 +77,16 @@ class RunLock:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                     who = _describe(holder) if holder else "a process that has not written its name yet"
-                    raise RunLockError(f"checkpoint.dir {self.path.parent} is in use by another run ({who}); stop "
-                                       f"that run or give this one another checkpoint.dir") from None
+                    raise RunLockError(
+                        f"checkpoint.dir {self.path.parent} is in use by another run ({who}); stop "
+                        f"that run or give this one another checkpoint.dir"
+                    ) from None
                 if exc.errno in _UNSUPPORTED:
-                    raise RunLockError(f"the file system of checkpoint.dir {self.path.parent} does not support "
-                                       f"flock ({exc.strerror}); mount it with flock support (Lustre: -o flock) or "
-                                       f"set checkpoint.lock=false and make sure one run uses it") from None
+                    raise RunLockError(
+                        f"the file system of checkpoint.dir {self.path.parent} does not support "
+                        f"flock ({exc.strerror}); mount it with flock support (Lustre: -o flock) or "
+                        f"set checkpoint.lock=false and make sure one run uses it"
+                    ) from None
                 raise
             # the previous holder may have deleted the file between our open and our flock (a clean exit unlinks
             # it): then we locked an orphaned inode and must retry on the current file
@@ -92,8 +99,9 @@ class RunLock:
             os.close(fd)
         stale = _read_holder(fd)
         if stale:
-            self.log(f"taking over a stale run lock of {self.path.parent} (left by {_describe(stale)}, which no "
-                     f"longer runs)")
+            self.log(
+                f"taking over a stale run lock of {self.path.parent} (left by {_describe(stale)}, which no longer runs)"
+            )
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
@@ -110,7 +118,7 @@ class RunLock:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

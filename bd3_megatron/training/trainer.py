@@ -1,4 +1,5 @@
 """The training loop: megatron-core forward/backward schedules, an optimizer engine, eval, checkpoints, samples."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,8 @@ from bd3_megatron.parallel.state import ParallelContext
 from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
 from bd3_megatron.training.metrics import MetricsLogger, VarianceWatch
-from bd3_megatron.training.resume_check import check_resume, zero_stage_change
 from bd3_megatron.training.optim import EMA, lr_at
+from bd3_megatron.training.resume_check import check_resume, zero_stage_change
 
 
 class PreemptionRequested(Exception):
@@ -65,13 +66,20 @@ def loss_from_head(batch: MicroBatch, block_size: int, out: HeadOutput):
     weighted = out.ce * batch.weight
     tokens = batch.num_tokens  # the int b*L without padding: wrapped batches compute exactly what they always did
     loss = out.nelbo_sum / tokens
-    report = {"loss": loss.detach().clone(), "weighted_sum": weighted.sum(),
-              "tokens": torch.as_tensor(tokens).float(), "block_t": batch.t}
+    report = {
+        "loss": loss.detach().clone(),
+        "weighted_sum": weighted.sum(),
+        "tokens": torch.as_tensor(tokens).float(),
+        "block_t": batch.t,
+    }
     if batch.padding is None:
         return loss, {**report, "block_losses": block_means(weighted, block_size)}
     real = ~batch.padding
-    return loss, {**report, "block_losses": block_means(weighted, block_size, real),
-                  "block_keep": block_has_tokens(real, block_size)}
+    return loss, {
+        **report,
+        "block_losses": block_means(weighted, block_size, real),
+        "block_keep": block_has_tokens(real, block_size),
+    }
 
 
 def _kept_blocks(report: dict, key: str) -> torch.Tensor:
@@ -96,12 +104,16 @@ class Trainer:
         self.dtype = precision_dtype(cfg, ctx.runtime.is_cuda)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.train_rows, self.val_rows, self.data_info = build_datasets(
-            cfg.data.path, self.tokenizer, cfg.model.seq_len, cfg.data.val_docs, cfg.data.cache_dir,
-            verify=cfg.data.verify_shards)
+            cfg.data.path,
+            self.tokenizer,
+            cfg.model.seq_len,
+            cfg.data.val_docs,
+            cfg.data.cache_dir,
+            verify=cfg.data.verify_shards,
+        )
         self.stream = ShuffledStream(self.train_rows, seed=t.seed)
         model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
-        self.engine = DeepSpeedEngine(model, cfg, ctx, self.dp, self.micro_batches,
-                                      bf16=self.dtype == torch.bfloat16)
+        self.engine = DeepSpeedEngine(model, cfg, ctx, self.dp, self.micro_batches, bf16=self.dtype == torch.bfloat16)
         self.model = self.engine.module
         self.named = dict(self.model.named_parameters())
         self.canonical = canonical_parameter_names(self.model)
@@ -121,9 +133,15 @@ class Trainer:
         self._probe_grads: list[torch.Tensor] = []
         if ctx.is_last_stage:
             self.model.decoder.final_layernorm.weight.register_hook(self._capture_probe_grad)
-        self.logger = MetricsLogger(cfg.log.dir, ctx.is_logging_rank, progress=cfg.log.progress,
-                                    max_steps=t.max_steps, wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
-                                    wandb_mode=cfg.log.wandb_mode, config=cfg.to_dict())
+        self.logger = MetricsLogger(
+            cfg.log.dir,
+            ctx.is_logging_rank,
+            progress=cfg.log.progress,
+            max_steps=t.max_steps,
+            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
+            wandb_mode=cfg.log.wandb_mode,
+            config=cfg.to_dict(),
+        )
 
     # ------------------------------------------------------------------ forward/backward
     def _run_schedule(self, micro_batches: list[MicroBatch], forward_only: bool) -> list[dict]:
@@ -137,9 +155,14 @@ class Trainer:
 
         with device_redirect():
             return get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
-                num_microbatches=len(micro_batches), seq_length=2 * self.cfg.model.seq_len,
-                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+                forward_step_func=forward_step,
+                data_iterator=iter(micro_batches),
+                model=self.model,
+                num_microbatches=len(micro_batches),
+                seq_length=2 * self.cfg.model.seq_len,
+                micro_batch_size=self.cfg.train.micro_batch_size,
+                forward_only=forward_only,
+            )
 
     def _train_micro_batches(self, step: int) -> list[MicroBatch]:
         t = self.cfg.train
@@ -195,7 +218,10 @@ class Trainer:
             return {}
         var = g.double().var(dim=0, unbiased=True)
         mean = g.double().mean(dim=0)
-        return {"grad_var": float(var.mean()), "grad_noise_ratio": float(var.sum() / mean.pow(2).sum().clamp_min(1e-30))}
+        return {
+            "grad_var": float(var.mean()),
+            "grad_noise_ratio": float(var.sum() / mean.pow(2).sum().clamp_min(1e-30)),
+        }
 
     def _nelbo_statistics(self, reports: list[dict], buckets: int = 10) -> dict:
         """Cheap live variance monitoring: mean and variance of the step's per-block NELBO estimates over all
@@ -203,10 +229,15 @@ class Trainer:
         bl = torch.cat([_kept_blocks(r, "block_losses") for r in reports]).double()
         bt = torch.cat([_kept_blocks(r, "block_t") for r in reports]).to(bl.device)
         idx = torch.clamp((bt * buckets).long(), 0, buckets - 1)
-        vec = torch.cat([torch.stack([bl.sum(), (bl * bl).sum(), torch.tensor(float(bl.numel()), dtype=bl.dtype,
-                                                                                 device=bl.device)]),
-                         torch.zeros(buckets, dtype=bl.dtype, device=bl.device).index_add_(0, idx, bl),
-                         torch.zeros(buckets, dtype=bl.dtype, device=bl.device).index_add_(0, idx, torch.ones_like(bl))])
+        vec = torch.cat(
+            [
+                torch.stack(
+                    [bl.sum(), (bl * bl).sum(), torch.tensor(float(bl.numel()), dtype=bl.dtype, device=bl.device)]
+                ),
+                torch.zeros(buckets, dtype=bl.dtype, device=bl.device).index_add_(0, idx, bl),
+                torch.zeros(buckets, dtype=bl.dtype, device=bl.device).index_add_(0, idx, torch.ones_like(bl)),
+            ]
+        )
         if self.dp > 1:
             torch.distributed.all_reduce(vec, group=parallel_state.get_data_parallel_group())
         s1, s2, n = float(vec[0]), float(vec[1]), float(vec[2])
@@ -236,16 +267,21 @@ class Trainer:
             raise ValueError("the validation split is empty; raise data.val_docs")
         return min(n_rows, want) if want else n_rows
 
-    def _val_micro_batches(self, n_rows: int, window: ClipWindow, resample: bool = False,
-                           noise_draw: int = 0) -> list[MicroBatch]:
+    def _val_micro_batches(
+        self, n_rows: int, window: ClipWindow, resample: bool = False, noise_draw: int = 0
+    ) -> list[MicroBatch]:
         """This rank's fixed-noise micro-batches over validation rows [0, n_rows): pass i covers rows
         [i*mb*dp, (i+1)*mb*dp), rank r its r-th slice of mb rows. The last pass is padded with weight-0 rows, so every
         rank runs ceil(n_rows / (mb*dp)) equal micro-batches (no collective waits on a rank with fewer)."""
         mb = self.cfg.train.micro_batch_size
         per_pass = mb * self.dp
         starts = range(self.ctx.dp_rank * mb, math.ceil(n_rows / per_pass) * per_pass, per_pass)
-        return [self.batches.eval_batch(self.val_rows, np.arange(s, s + mb), n_rows, window, resample=resample,
-                                        noise_draw=noise_draw) for s in starts]
+        return [
+            self.batches.eval_batch(
+                self.val_rows, np.arange(s, s + mb), n_rows, window, resample=resample, noise_draw=noise_draw
+            )
+            for s in starts
+        ]
 
     @contextlib.contextmanager
     def _eval_weights(self):
@@ -269,8 +305,11 @@ class Trainer:
             reports = self._run_schedule(micro, forward_only=True)
             search = self.clip_search() if self._clip_search_due() else {}
         # "tokens" counts real tokens of real rows only (MicroBatch.num_tokens): padding rows and --pad padding weigh 0
-        sums = torch.tensor([sum(float(r["weighted_sum"]) for r in reports), sum(float(r["tokens"]) for r in reports)],
-                            dtype=torch.float64, device=self.device)
+        sums = torch.tensor(
+            [sum(float(r["weighted_sum"]) for r in reports), sum(float(r["tokens"]) for r in reports)],
+            dtype=torch.float64,
+            device=self.device,
+        )
         if self.dp > 1:
             torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         if not self.ctx.is_last_stage:
@@ -282,8 +321,9 @@ class Trainer:
         """At evaluations after step 0 (the reference skips its sanity-check validation: the variance of an
         untrained model says nothing about the schedule), every ``clip_search_interval`` steps if set."""
         d = self.cfg.diffusion
-        return d.clip_search and self.step > 0 and (not d.clip_search_interval or
-                                                    self.step % d.clip_search_interval == 0)
+        return (
+            d.clip_search and self.step > 0 and (not d.clip_search_interval or self.step % d.clip_search_interval == 0)
+        )
 
     def clip_search(self) -> dict:
         """Score every window of the grid by the variance of per-block NELBO estimates on the validation batches
@@ -306,13 +346,18 @@ class Trainer:
                 estimates(window)
             scores, choice = {}, torch.zeros(1, dtype=torch.long, device=self.device)
         if self.ctx.pp > 1:
-            torch.distributed.broadcast(choice, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                        group=parallel_state.get_pipeline_model_parallel_group())
+            torch.distributed.broadcast(
+                choice,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
         best = windows[int(choice.item())]
         if not d.fix_clipping:
             self.batches.window = best
-        return {"clip_window": [best.eps_min, best.eps_max],
-                **{f"clip_var/{label}": score for label, score in scores.items()}}
+        return {
+            "clip_window": [best.eps_min, best.eps_max],
+            **{f"clip_var/{label}": score for label, score in scores.items()},
+        }
 
     def _gathered_block_losses(self, report: dict, batch: MicroBatch) -> torch.Tensor:
         """A validation report's per-block estimates over all data-parallel ranks, without the blocks that hold no
@@ -333,14 +378,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict:
-        state = {"model": {self.canonical[n]: p.detach().cpu() for n, p in self.named.items()},
-                 # how each tensor is split across tensor-parallel ranks (None: replicated); read by convert/reshard
-                 "tp_partition": {self.canonical[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False)
-                                                      else None) for n, p in self.named.items()}}
+        state = {
+            "model": {self.canonical[n]: p.detach().cpu() for n, p in self.named.items()},
+            # how each tensor is split across tensor-parallel ranks (None: replicated); read by convert/reshard
+            "tp_partition": {
+                self.canonical[n]: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+                for n, p in self.named.items()
+            },
+        }
         if self.ema is not None:
             ema = self.ema.state_dict()
-            state["ema"] = {"decay": ema["decay"], "num_updates": ema["num_updates"],
-                            "shadow": {self.canonical[n]: v.cpu() for n, v in ema["shadow"].items()}}
+            state["ema"] = {
+                "decay": ema["decay"],
+                "num_updates": ema["num_updates"],
+                "shadow": {self.canonical[n]: v.cpu() for n, v in ema["shadow"].items()},
+            }
         return state
 
     def save(self) -> None:
@@ -350,22 +402,39 @@ class Trainer:
         if c.dir is None:
             return
         model_state = self._model_state()
-        bad = [f"{name} on rank {rank}" for rank, names in enumerate(ckpt.all_ranks(ckpt.non_finite(model_state)))
-               for name in names[:2]]
+        bad = [
+            f"{name} on rank {rank}"
+            for rank, names in enumerate(ckpt.all_ranks(ckpt.non_finite(model_state)))
+            for name in names[:2]
+        ]
         if bad:
             intact = f"step {self.intact_step} is intact" if self.intact_step is not None else "no checkpoint exists"
-            raise TrainingStopped(f"non-finite weights at step {self.step} ({', '.join(bad[:4])}): checkpoint not "
-                                  f"written; {intact}")
-        meta = {"config": self.cfg.to_dict(), "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                "skipped_steps": self.skipped_steps, "data": {"stream": "ShuffledStream", **self.data_info},
-                "tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size,
-                "clip_window": [self.batches.window.eps_min, self.batches.window.eps_max],
-                "mask_token_id": self.tokenizer.mask_token_id}
+            raise TrainingStopped(
+                f"non-finite weights at step {self.step} ({', '.join(bad[:4])}): checkpoint not written; {intact}"
+            )
+        meta = {
+            "config": self.cfg.to_dict(),
+            "consumed_samples": self.step * self.cfg.train.global_batch_size,
+            "skipped_steps": self.skipped_steps,
+            "data": {"stream": "ShuffledStream", **self.data_info},
+            "tokenizer": self.tokenizer.name,
+            "vocab_size": self.tokenizer.vocab_size,
+            "clip_window": [self.batches.window.eps_min, self.batches.window.eps_max],
+            "mask_token_id": self.tokenizer.mask_token_id,
+        }
         try:
-            path = ckpt.save_checkpoint(c.dir, self.step, self.layout, model_state=model_state,
-                                        optim_state={"engine": self.engine.state_dict(), "step": self.step},
-                                        metadata=meta, keep=c.keep, verified=self.verified,
-                                        resumed_step=self.resumed_step, intact_step=self.intact_step)
+            path = ckpt.save_checkpoint(
+                c.dir,
+                self.step,
+                self.layout,
+                model_state=model_state,
+                optim_state={"engine": self.engine.state_dict(), "step": self.step},
+                metadata=meta,
+                keep=c.keep,
+                verified=self.verified,
+                resumed_step=self.resumed_step,
+                intact_step=self.intact_step,
+            )
         except ckpt.CheckpointSaveError as exc:
             raise TrainingStopped(str(exc)) from None
         self.verified.add(path.name)
@@ -378,27 +447,35 @@ class Trainer:
         CheckpointError for a checkpoint this run cannot continue (other shapes, layout)."""
         c = self.cfg.checkpoint
         meta = ckpt.read_metadata(path)
-        for note in check_resume(path, meta, self.cfg, self.data_info, self.tokenizer.vocab_size,
-                                 self.tokenizer.mask_token_id):
+        for note in check_resume(
+            path, meta, self.cfg, self.data_info, self.tokenizer.vocab_size, self.tokenizer.mask_token_id
+        ):
             self.logger.info(note)
         same_layout = ckpt.layout_matches(meta, self.layout)
         if not same_layout and not c.reshard:
             ckpt.check_layout(meta, self.layout, path)  # raises with the explanation
         zero = zero_stage_change(meta, self.cfg)
         if zero and not c.reshard:
-            raise ckpt.CheckpointError(f"{path} was saved with parallel.zero_stage={zero[0]} but this run has "
-                                       f"parallel.zero_stage={zero[1]}: its optimizer state does not load into "
-                                       f"another stage; resume with parallel.zero_stage={zero[0]}, or set "
-                                       f"checkpoint.reshard=true to load the weights and EMA with a fresh optimizer")
+            raise ckpt.CheckpointError(
+                f"{path} was saved with parallel.zero_stage={zero[0]} but this run has "
+                f"parallel.zero_stage={zero[1]}: its optimizer state does not load into "
+                f"another stage; resume with parallel.zero_stage={zero[0]}, or set "
+                f"checkpoint.reshard=true to load the weights and EMA with a fresh optimizer"
+            )
         state = {"meta": meta, "same_layout": same_layout, "zero": zero}
         if same_layout:
             mstate = ckpt.load_file(path / self.layout.model_file(), meta=meta)
             state.update(weights=mstate["model"], ema=mstate.get("ema"))
             # every data-parallel rank's ZeRO partition of this (tp, pp) position: DeepSpeed rebuilds its own
             # (another ZeRO stage's partitions do not load: that resume starts a fresh optimizer)
-            state["optim"] = [] if zero else [
-                ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes(), meta=meta)
-                for r in range(self.dp)]
+            state["optim"] = (
+                []
+                if zero
+                else [
+                    ckpt.load_file(path / self.layout.optim_file(r), optimizer_state_classes(), meta=meta)
+                    for r in range(self.dp)
+                ]
+            )
             state["rng"] = ckpt.load_file(path / self.layout.rng_file(), meta=meta)
         else:
             state["weights"], state["ema"] = ckpt.load_resharded(path, meta, self.named, self.canonical)
@@ -429,15 +506,22 @@ class Trainer:
             self.logger.info(f"warning: checkpoint {path} is damaged and not used: {'; '.join(problems)}")
         else:
             where = Path(c.resume) if c.resume != "auto" else Path(c.dir)
-            raise ckpt.CheckpointError(f"no intact checkpoint in {where} ({'; '.join(damage)}); restore one, or set "
-                                       f"checkpoint.resume=none with a new checkpoint.dir to start over")
+            raise ckpt.CheckpointError(
+                f"no intact checkpoint in {where} ({'; '.join(damage)}); restore one, or set "
+                f"checkpoint.resume=none with a new checkpoint.dir to start over"
+            )
         meta, same_layout = state["meta"], state["same_layout"]
         self.load_weights(state["weights"], source=path)
         ema = state["ema"]
         if self.ema is not None and ema is not None:
             by_canonical = {self.canonical[n]: n for n in self.named}
-            self.ema.load_state_dict({"decay": ema["decay"], "num_updates": ema["num_updates"],
-                                      "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()}})
+            self.ema.load_state_dict(
+                {
+                    "decay": ema["decay"],
+                    "num_updates": ema["num_updates"],
+                    "shadow": {by_canonical[k]: v for k, v in ema["shadow"].items()},
+                }
+            )
         zero = state["zero"]
         if same_layout and not zero:
             self.engine.load_state_dict([o["engine"] for o in state["optim"]])
@@ -459,8 +543,10 @@ class Trainer:
         """Copy canonical-named tensors (this rank's shards) into the model; the names must match exactly."""
         by_canonical = {self.canonical[n]: n for n in self.named}
         if set(weights) != set(by_canonical):
-            raise ckpt.CheckpointError(f"{source}: model tensors do not match this model "
-                                       f"(differing: {sorted(set(weights) ^ set(by_canonical))[:4]})")
+            raise ckpt.CheckpointError(
+                f"{source}: model tensors do not match this model "
+                f"(differing: {sorted(set(weights) ^ set(by_canonical))[:4]})"
+            )
         for cname, tensor in weights.items():
             self.named[by_canonical[cname]].copy_(tensor)
         self.engine.guard.bounds = None  # the update bound is re-measured for the new weights
@@ -479,24 +565,32 @@ class Trainer:
         saved = meta["config"]["model"]
         for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size"):
             if saved[key] != getattr(self.cfg.model, key):
-                raise ckpt.CheckpointError(f"checkpoint.init_from {path} has model.{key}={saved[key]} but this run "
-                                           f"has {getattr(self.cfg.model, key)}; the architectures must match")
+                raise ckpt.CheckpointError(
+                    f"checkpoint.init_from {path} has model.{key}={saved[key]} but this run "
+                    f"has {getattr(self.cfg.model, key)}; the architectures must match"
+                )
         if meta.get("tokenizer") != self.tokenizer.name:
-            raise ckpt.CheckpointError(f"checkpoint.init_from {path} uses tokenizer {meta.get('tokenizer')!r}, this "
-                                       f"run {self.tokenizer.name!r}")
+            raise ckpt.CheckpointError(
+                f"checkpoint.init_from {path} uses tokenizer {meta.get('tokenizer')!r}, this "
+                f"run {self.tokenizer.name!r}"
+            )
         which = self.cfg.checkpoint.init_from_weights
         weights, ema = ckpt.load_resharded(path, meta, self.named, self.canonical)
         if which == "ema":
             if ema is None:
-                raise ckpt.CheckpointError(f"checkpoint.init_from {path} holds no EMA (its run had optim.ema=0); set "
-                                           f"checkpoint.init_from_weights=raw")
+                raise ckpt.CheckpointError(
+                    f"checkpoint.init_from {path} holds no EMA (its run had optim.ema=0); set "
+                    f"checkpoint.init_from_weights=raw"
+                )
             weights = ema["shadow"]
         self.load_weights(weights, source=path)
         if self.ema is not None:  # this run's EMA restarts from the loaded weights (its warm-up hides the jump)
             self.ema = EMA(self.named, self.cfg.optim.ema)
-        self.logger.info(f"initialised weights from the {'EMA' if which == 'ema' else 'raw'} weights of {path} "
-                         f"(step {meta['step']}, block size {saved['block_size']} -> {self.cfg.model.block_size}); "
-                         f"training starts at step 0")
+        self.logger.info(
+            f"initialised weights from the {'EMA' if which == 'ema' else 'raw'} weights of {path} "
+            f"(step {meta['step']}, block size {saved['block_size']} -> {self.cfg.model.block_size}); "
+            f"training starts at step 0"
+        )
 
     # ------------------------------------------------------------------ the loop
     def train(self, stop: StopSignal | None = None) -> dict:
@@ -516,14 +610,19 @@ class Trainer:
                 if watch.high:
                     record["variance_warning"] = True
             if self.bad_steps >= t.max_bad_steps:
-                raise TrainingStopped(f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
-                                      f"The last checkpoint is intact; lower optim.lr or check the data")
+                raise TrainingStopped(
+                    f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
+                    f"The last checkpoint is intact; lower optim.lr or check the data"
+                )
             done = self.step >= t.max_steps
             is_eval = done or (t.eval_interval and self.step % t.eval_interval == 0)
             if self.step % cfg.log.interval == 0 or is_eval or done:
                 elapsed = time.time() - window_start
-                record.update(step=self.step, tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
-                              consumed_samples=self.step * t.global_batch_size)
+                record.update(
+                    step=self.step,
+                    tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    consumed_samples=self.step * t.global_batch_size,
+                )
                 if is_eval:
                     last_eval = self.evaluate()
                     record.update(last_eval)
@@ -534,8 +633,9 @@ class Trainer:
             elif not done and stop.agreed(self.device):
                 if cfg.checkpoint.dir:
                     self.save()
-                raise PreemptionRequested(f"stop signal received: checkpoint saved at step {self.step}; "
-                                          f"requeue the job to resume")
+                raise PreemptionRequested(
+                    f"stop signal received: checkpoint saved at step {self.step}; requeue the job to resume"
+                )
         return last_eval
 
     def initial_eval(self) -> dict:
