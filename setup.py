@@ -15,6 +15,17 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["bd3_megatron*", "launcher*", "data_pipeline*", "tools*"]),
     install_requires=pins("requirements.txt"),
+    # the `python -m launcher.train` / `python tools/X.py` forms run the same main()s
+    entry_points={
+        "console_scripts": [
+            "bd3-train=launcher.train:main",
+            "bd3-prepare=data_pipeline.prepare:main",
+            "bd3-convert=tools.convert:main",
+            "bd3-sample=tools.sample:main",
+            "bd3-eval=tools.eval_ppl:main",
+            "bd3-variance-report=tools.variance_report:main",
+        ]
+    },
     extras_require={
         "dev": pins("requirements-dev.txt"),
         # Offline data files; install these with --no-deps (scripts/setup_env.sh does).

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bd3_megatron.checkpoint.sampler import load_checkpoint  # noqa: E402
 from bd3_megatron.parallel.device import device_name, local_device, synchronize  # noqa: E402
-from bd3_megatron.sampling.export import load_checkpoint  # noqa: E402
 from bd3_megatron.sampling.kv_sampler import SampleOptions, generate  # noqa: E402
 from bd3_megatron.sampling.net import NetConfig, build_net  # noqa: E402
 

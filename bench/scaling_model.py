@@ -13,7 +13,7 @@ Inputs (all printed with the table):
   * links (``Links``): NVLink inside a node, InfiniBand across nodes, a fixed latency per collective call.
 
 What each layout communicates per step (per rank; "payload" = the full buffer of the collective), as the stack does
-it (DeepSpeed 0.19.8 with the config of bd3_megatron/parallel/ds_engine.py, megatron-core 0.16.1), checked byte for
+it (DeepSpeed 0.19.8 with the config of bd3_megatron/training/engine.py, megatron-core 0.16.1), checked byte for
 byte against the gloo run by ``--check-gloo`` and tests/test_scaling_model.py:
   * data parallel (DeepSpeed): ZeRO-0 all-reduces all gradients once per step. ZeRO-1 all-reduces them too (its
     ``use_multi_rank_bucket_allreduce`` default reduces with all-reduce, not reduce-scatter) in 5e7-element buckets, and

@@ -392,7 +392,6 @@ def summarise(
 
 def run(args: argparse.Namespace, log_dir: str) -> dict | None:
     from bd3_megatron.config import load_config
-    from bd3_megatron.model.build import precision_dtype
     from bd3_megatron.parallel import state
     from bd3_megatron.parallel.device import device_name
     from bd3_megatron.training.trainer import Trainer
@@ -409,7 +408,7 @@ def run(args: argparse.Namespace, log_dir: str) -> dict | None:
     trainer = None
     try:
         trainer = Trainer(cfg, ctx)
-        device, dtype = ctx.runtime.device, precision_dtype(cfg, ctx.runtime.is_cuda)
+        device, dtype = ctx.runtime.device, ctx.runtime.compute_dtype(cfg.train.precision)
         vocab, mask_id = trainer.tokenizer.vocab_size, trainer.tokenizer.mask_token_id
         models = {"project": trainer.train_step}
         owners = {"project": [trainer]}

@@ -24,9 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def print_samples(trainer, cfg) -> None:
     """Samples of the final checkpoint from the product sampler (plain-PyTorch BD3Net, exact KV cache), exactly as
     ``tools/convert.py`` + ``tools/sample.py`` would draw them; any TP/PP layout, on global rank 0 alone."""
+    from bd3_megatron.checkpoint.from_training import read_input
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
     from bd3_megatron.sampling.net import build_net
-    from bd3_megatron.sampling.training_checkpoint import read_input
 
     s, ctx = cfg.sample, trainer.ctx
     if s.num_samples == 0 or ctx.rank != 0:
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from bd3_megatron.cli import quiet_library_warnings
 
     quiet_library_warnings()
+    from bd3_megatron.checkpoint.sharded import CheckpointError
     from bd3_megatron.config import ConfigError, load_config
-    from bd3_megatron.training.checkpoint import CheckpointError
     from bd3_megatron.training.run_lock import RunLockError
 
     try:

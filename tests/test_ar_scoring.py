@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bd3_megatron.sampling.export import SamplerCheckpoint
+from bd3_megatron.checkpoint.sampler import SamplerCheckpoint
 from bd3_megatron.sampling.net import KVCache, NetConfig, build_net
 from bd3_megatron.sampling.scorer import ProjectScorer, load_scorer, sequence_nll, window_spans
 from tests.test_train_e2e import ROOT, metrics, run, tiny_args
@@ -80,7 +80,7 @@ def kv_cache_ar_nll(net, row: torch.Tensor) -> torch.Tensor:
 
 def validation_rows(ckpt_dir, n: int) -> torch.Tensor:
     """The first n rows of a run's validation split, read the way the trainer reads them."""
-    from bd3_megatron.training import checkpoint as ckpt
+    from bd3_megatron.checkpoint import sharded as ckpt
     from data_pipeline.readers import build_datasets
     from data_pipeline.tokenizers import get_tokenizer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bd3_megatron.training import checkpoint as ckpt
+from bd3_megatron.checkpoint import sharded as ckpt
 
 ONE = ckpt.Layout(tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, rank=0)
 

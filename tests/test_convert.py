@@ -19,9 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bd3_megatron.checkpoint.hf import from_hf, load_hf, save_hf, to_hf
+from bd3_megatron.checkpoint.sampler import load_checkpoint, load_native, save_native
 from bd3_megatron.diffusion import bd3_mask
 from bd3_megatron.model.bd3_model import canonical_parameter_names, padded_vocab_size
-from bd3_megatron.sampling.export import from_hf, load_checkpoint, load_hf, load_native, save_hf, save_native, to_hf
 from bd3_megatron.sampling.net import build_net
 from tests.helpers import MASK_ID, VOCAB, random_tokens, tiny_model
 from tools import convert
@@ -64,7 +65,7 @@ def write_checkpoint(root: Path, step: int, tp: int, pp: int, shards: dict[tuple
     """A published checkpoint directory in the trainer's layout (model files + metadata.json + latest)."""
     import hashlib
 
-    from bd3_megatron.training.checkpoint import FORMAT_VERSION, metadata_digest, step_dir_name
+    from bd3_megatron.checkpoint.sharded import FORMAT_VERSION, metadata_digest, step_dir_name
 
     d = root / step_dir_name(step)
     d.mkdir(parents=True)
@@ -150,7 +151,7 @@ def train_state(models):
 
 # ---------------------------------------------------------------------------------------------- layouts
 def test_tp1_checkpoint_from_save_checkpoint_matches_megatron(models, train_state, tmp_path):
-    from bd3_megatron.training.checkpoint import Layout, save_checkpoint
+    from bd3_megatron.checkpoint.sharded import Layout, save_checkpoint
 
     save_checkpoint(
         tmp_path / "ckpt", 5, Layout(1, 1, 1, 0, 0, 0, 0), model_state=train_state, optim_state={}, metadata=metadata()
@@ -213,7 +214,7 @@ def test_hf_config_values_are_the_checkpoints(train_state, tmp_path):
 
 
 def test_missing_stage_file_and_truncated_shard_are_refused(train_state, tmp_path):
-    from bd3_megatron.training.checkpoint import CheckpointError
+    from bd3_megatron.checkpoint.sharded import CheckpointError
 
     files = split_state(train_state, 2, 2, num_layers=2, gen=torch.Generator().manual_seed(0))
     d = write_checkpoint(tmp_path / "ckpt", 3, 2, 2, files, metadata())
@@ -452,8 +453,8 @@ def test_real_distributed_checkpoint_reproduces_the_distributed_validation_nelbo
 @pytest.mark.slow
 def test_trainer_cli_checkpoint_converts_and_samples(mcore, data_cache, tmp_path):
     """The user path: train (subprocess CLI), convert (CLI), sample (CLI); converted weights = the megatron model's."""
+    from bd3_megatron.checkpoint.sharded import load_file
     from bd3_megatron.model.bd3_model import BD3Model, BD3Spec, build_transformer_config
-    from bd3_megatron.training.checkpoint import load_file
     from tests.test_train_e2e import run, tiny_args
 
     proc = run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bd3_megatron.parallel.ds_engine import global_grad_norm
+from bd3_megatron.training.engine import global_grad_norm
 
 
 def test_piecewise_fp32_norm_equals_the_fp64_norm(mcore):

@@ -20,13 +20,10 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python tools/convert.py` from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from bd3_megatron.sampling.export import save_checkpoint, summary_table, to_hf  # noqa: E402
-from bd3_megatron.sampling.training_checkpoint import gather_training_checkpoint, read_input, resolve_step_dir  # noqa: E402,F401
-from bd3_megatron.training import checkpoint as ckpt  # noqa: E402
+from bd3_megatron.checkpoint import sharded as ckpt
+from bd3_megatron.checkpoint.from_training import gather_training_checkpoint, read_input, resolve_step_dir  # noqa: F401
+from bd3_megatron.checkpoint.hf import to_hf
+from bd3_megatron.checkpoint.sampler import save_checkpoint, summary_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,10 +21,6 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python tools/eval_ppl.py` runs this checkout's code, as tools/convert.py does
-    sys.path.insert(0, str(ROOT))
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,9 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_evaluator(args):
     """A single-process Trainer over the checkpoint's config with the requested evaluation settings."""
+    from bd3_megatron.checkpoint import sharded as ckpt
     from bd3_megatron.config import config_from_dict
     from bd3_megatron.parallel import state
-    from bd3_megatron.training import checkpoint as ckpt
     from bd3_megatron.training.trainer import Trainer
     from data_pipeline.shards import IncompatibleData
 
@@ -134,9 +130,9 @@ def nelbo_k_samples(trainer, k: int, window=None) -> list[float]:
 def generated_texts(path, args, device) -> tuple[list[str], list[float]]:
     """``--num-samples`` samples of the evaluated weights from the KV-cache sampler (fixed length, starting at a
     document boundary, nucleus ``--nucleus-p``), decoded to text, with their token entropies."""
+    from bd3_megatron.checkpoint.from_training import read_input
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate, token_entropy
     from bd3_megatron.sampling.net import build_net
-    from bd3_megatron.sampling.training_checkpoint import read_input
     from data_pipeline.tokenizers import get_tokenizer
 
     ck = read_input(path, weights="raw" if args.raw else None, log=lambda msg: None)
@@ -162,9 +158,9 @@ def main(argv=None) -> int:
     from bd3_megatron.cli import quiet_library_warnings
 
     quiet_library_warnings()
+    from bd3_megatron.checkpoint.sharded import CheckpointError
     from bd3_megatron.config import ConfigError
     from bd3_megatron.parallel import state
-    from bd3_megatron.training.checkpoint import CheckpointError
 
     for flag, value, least in (
         ("--samples-per-seq", args.samples_per_seq, 1),

@@ -18,10 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python tools/sample.py` from anywhere
-    sys.path.insert(0, str(ROOT))
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tools/sample.py", description="Sample from a converted BD3-LM.")
@@ -92,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from bd3_megatron.checkpoint.sampler import load_checkpoint
     from bd3_megatron.parallel.device import local_device
-    from bd3_megatron.sampling.export import load_checkpoint
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
     from bd3_megatron.sampling.net import build_net
 

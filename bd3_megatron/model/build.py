@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from bd3_megatron.config import Config
 from bd3_megatron.model.bd3_model import BD3Model, BD3Spec, build_transformer_config, init_parameters
 from bd3_megatron.parallel.state import ParallelContext
@@ -50,10 +48,3 @@ def compile_layers(model: BD3Model) -> None:
     layers rather than the whole model keeps megatron's pipeline plumbing and the head's custom autograd eager."""
     for layer in model.decoder.layers:
         layer.compile(dynamic=False)
-
-
-def precision_dtype(cfg: Config, is_cuda: bool) -> torch.dtype:
-    p = cfg.train.precision
-    if p == "auto":
-        return torch.bfloat16 if is_cuda else torch.float32
-    return torch.bfloat16 if p == "bf16" else torch.float32

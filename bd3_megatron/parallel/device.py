@@ -41,6 +41,13 @@ class Runtime:
     def default_dtype_name(self) -> str:
         return "bf16" if self.is_cuda else "fp32"
 
+    def compute_dtype(self, precision: str) -> torch.dtype:
+        """The forward's autocast dtype for ``train.precision`` (auto | bf16 | fp32): auto is bf16 on CUDA, fp32 on
+        CPU (CPU bf16 matmuls are slower than fp32 on the machines we test on)."""
+        if precision == "auto":
+            precision = self.default_dtype_name()
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
 
 _RUNTIME: Runtime | None = None
 

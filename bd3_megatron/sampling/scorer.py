@@ -164,8 +164,8 @@ class HFScorer:
 
 def _is_project_folder(path: Path) -> bool:
     """A training checkpoint, or a sampler folder in a layout ``tools/convert.py`` reads (native or bd3lm HF)."""
-    from bd3_megatron.sampling.export import detect_format
-    from bd3_megatron.sampling.training_checkpoint import is_training_checkpoint
+    from bd3_megatron.checkpoint.from_training import is_training_checkpoint
+    from bd3_megatron.checkpoint.sampler import detect_format
 
     if is_training_checkpoint(path):
         return True
@@ -183,7 +183,7 @@ def load_scorer(path: str | Path, device: torch.device | str = "cpu") -> Scorer:
     if not path.exists():
         raise FileNotFoundError(f"scorer {path} does not exist")
     if _is_project_folder(path):
-        from bd3_megatron.sampling.training_checkpoint import read_input
+        from bd3_megatron.checkpoint.from_training import read_input
 
         return ProjectScorer(read_input(path, log=lambda msg: None), device=device)
     if not (path / "config.json").is_file():

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bd3_megatron.checkpoint.sharded import CheckpointError
 from bd3_megatron.config import Config
-from bd3_megatron.training.checkpoint import CheckpointError
 
 FIXED = (
     "model.num_layers",

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from bd3_megatron.training.checkpoint import CheckpointError, check_dir_writable
+from bd3_megatron.checkpoint.sharded import CheckpointError, check_dir_writable
 
 LOCK_NAME = ".run.lock"
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)

@@ -13,16 +13,16 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
+from bd3_megatron.checkpoint import sharded as ckpt
 from bd3_megatron.config import Config, validate_layout
 from bd3_megatron.diffusion.schedule import ClipWindow
 from bd3_megatron.diffusion.variance import block_has_tokens, block_means, clip_window_grid, search_clip_window
 from bd3_megatron.model.bd3_model import HeadOutput, canonical_parameter_names
-from bd3_megatron.model.build import build_model, precision_dtype
+from bd3_megatron.model.build import build_model
 from bd3_megatron.parallel.device import device_redirect
-from bd3_megatron.parallel.ds_engine import DeepSpeedEngine, optimizer_state_classes
 from bd3_megatron.parallel.state import ParallelContext
-from bd3_megatron.training import checkpoint as ckpt
 from bd3_megatron.training.batches import BatchMaker, MicroBatch, sample_indices
+from bd3_megatron.training.engine import DeepSpeedEngine, optimizer_state_classes
 from bd3_megatron.training.metrics import MetricsLogger, VarianceWatch
 from bd3_megatron.training.optim import EMA, lr_at
 from bd3_megatron.training.resume_check import check_resume, zero_stage_change
@@ -101,7 +101,7 @@ class Trainer:
         t = cfg.train
         self.micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.device = ctx.runtime.device
-        self.dtype = precision_dtype(cfg, ctx.runtime.is_cuda)
+        self.dtype = ctx.runtime.compute_dtype(cfg.train.precision)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.train_rows, self.val_rows, self.data_info = build_datasets(
             cfg.data.path,

@@ -1,6 +1,6 @@
 """A training checkpoint of any TP/PP/ZeRO layout read as one single-device :class:`SamplerCheckpoint`.
 
-The shards are merged by :func:`bd3_megatron.training.checkpoint.load_full_weights` (the project's only merge);
+The shards are merged by :func:`bd3_megatron.checkpoint.sharded.load_full_weights` (the project's only merge);
 here the vocabulary padding rows are dropped and the result is checked against the network's expected shapes.
 Used by ``tools/convert.py``, ``tools/eval_ppl.py`` (own checkpoints as generative-perplexity scorers) and tests.
 """
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from bd3_megatron.sampling.export import SamplerCheckpoint, check_state, detect_format, load_checkpoint
+from bd3_megatron.checkpoint import sharded as ckpt
+from bd3_megatron.checkpoint.sampler import SamplerCheckpoint, check_state, detect_format, load_checkpoint
 from bd3_megatron.sampling.net import NetConfig
-from bd3_megatron.training import checkpoint as ckpt
 
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
