@@ -373,12 +373,11 @@ def validate(cfg: Config) -> None:
         m.attention_backend in ("auto", "sdpa", "flex"),
         f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}",
     )
-    _require(m.mode in ("bd3", "mdlm", "ar"), f"model.mode must be bd3|mdlm|ar, got {m.mode!r}")
-    _require(
-        m.mode != "mdlm" or m.block_size == m.seq_len,
-        f"model.mode=mdlm needs model.block_size = model.seq_len ({m.seq_len}), got {m.block_size}",
-    )
-    _require(m.mode != "ar" or not d.clip_search, "diffusion.clip_search has no meaning for model.mode=ar")
+    from bd3_megatron.modes import MODES  # the registry imports nothing of this module at import time
+
+    _require(m.mode in MODES, f"model.mode must be {'|'.join(MODES)}, got {m.mode!r}")
+    problem = MODES[m.mode].validate(cfg)
+    _require(problem is None, problem or "")
     _require(d.schedule == "loglinear", f"diffusion.schedule must be 'loglinear', got {d.schedule!r}")
     _require(
         0.0 < d.eps_min <= d.eps_max <= 1.0,

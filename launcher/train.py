@@ -25,16 +25,18 @@ def print_samples(trainer, cfg) -> None:
     """Samples of the final checkpoint from the product sampler (plain-PyTorch BD3Net, exact KV cache), exactly as
     ``tools/convert.py`` + ``tools/sample.py`` would draw them; any TP/PP layout, on global rank 0 alone."""
     from bd3_megatron.checkpoint.from_training import read_input
+    from bd3_megatron.modes import get_mode
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
     from bd3_megatron.sampling.net import build_net
 
     s, ctx = cfg.sample, trainer.ctx
     if s.num_samples == 0 or ctx.rank != 0:
         return
-    if cfg.model.mode != "bd3" or not cfg.checkpoint.dir:
+    block_sampler = get_mode(cfg.model.mode).block_sampler
+    if not block_sampler or not cfg.checkpoint.dir:
         why = (
             "they are drawn from the final checkpoint (set checkpoint.dir)"
-            if cfg.model.mode == "bd3"
+            if block_sampler
             else f"model.mode={cfg.model.mode} is not a block diffusion model"
         )
         print(f"samples: skipped ({why})")

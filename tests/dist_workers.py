@@ -228,7 +228,7 @@ def count_step_collectives(rank: int, world: int, layout, cache_dir: str, log_di
 
     with trainer_for(layout, cache_dir, log_dir) as trainer:
         trainer.train_step()  # DeepSpeed's first step sets up buffers; the steady state is what scales
-        masked = [int(b.masked.sum()) for b in trainer._train_micro_batches(trainer.step)]
+        masked = [int(b.masked.sum()) for b in trainer.train_step.micro_batches_of(trainer.step)]
         groups = {
             name: tuple(dist.get_process_group_ranks(get()))
             for name, get in (

@@ -118,7 +118,7 @@ def split_state(
 
 def megatron_logits(model, xt, x0) -> torch.Tensor:
     with torch.no_grad():
-        hidden, seq = model._bd3_hidden(xt, x0)
+        hidden, seq = model._stream_hidden(xt, x0)
         return model.full_logits(hidden[:seq].transpose(0, 1))
 
 

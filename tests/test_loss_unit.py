@@ -11,10 +11,9 @@ from bd3_megatron.diffusion import (
     ClipWindow,
     LogLinearSchedule,
     get_schedule,
-    nelbo_from_token_ce,
-    nelbo_sum,
+    nelbo,
+    nelbo_weights,
     subs_log_probs,
-    token_nelbo,
 )
 
 SCHED = get_schedule("loglinear")
@@ -25,21 +24,28 @@ def test_nelbo_equals_a_hand_computation():
     masked = torch.tensor([[True, False, True, False], [False, False, True, True]])
     t = torch.tensor([[0.5, 0.5, 0.25, 0.25], [0.1, 0.1, 0.75, 0.75]])
     expected = torch.tensor([[2 / 0.5, 0.0, 4 / 0.25, 0.0], [0.0, 0.0, 6 / 0.75, 8 / 0.75]])
-    torch.testing.assert_close(token_nelbo(ce, masked, t, SCHED), expected)
+    weight = nelbo_weights(masked, t, SCHED)
+    torch.testing.assert_close(weight, torch.tensor([[2.0, 0.0, 4.0, 0.0], [0.0, 0.0, 4 / 3, 4 / 3]]))
+    out = nelbo(ce, weight, ce.numel())
+    torch.testing.assert_close(out.terms, expected)
     # mean over all 8 tokens, carried-over ones counting as zero: (4 + 16 + 8 + 32/3) / 8
-    assert nelbo_from_token_ce(ce, masked, t, SCHED).item() == pytest.approx((4 + 16 + 8 + 32 / 3) / 8, rel=1e-6)
-    total, count = nelbo_sum(ce, masked, t, SCHED)
-    assert total.item() == pytest.approx(4 + 16 + 8 + 32 / 3, rel=1e-6) and count == 8
+    assert out.loss.item() == pytest.approx((4 + 16 + 8 + 32 / 3) / 8, rel=1e-6)
     # token-weighted aggregation over two batches equals the loss on their union
-    (s1, n1), (s2, n2) = nelbo_sum(ce[:1], masked[:1], t[:1], SCHED), nelbo_sum(ce[1:], masked[1:], t[1:], SCHED)
-    assert ((s1 + s2) / (n1 + n2)).item() == pytest.approx(nelbo_from_token_ce(ce, masked, t, SCHED).item())
+    s1, s2 = nelbo(ce[:1], weight[:1], 4).terms.sum(), nelbo(ce[1:], weight[1:], 4).terms.sum()
+    assert ((s1 + s2) / 8).item() == pytest.approx(out.loss.item())
+    # a fused head's differentiable sum is the numerator when given; the terms still come from ce
+    fused = torch.tensor(7.0, requires_grad=True)
+    given = nelbo(ce, weight, 8, weighted_sum=fused)
+    assert given.loss.item() == pytest.approx(7.0 / 8) and torch.equal(given.terms, out.terms)
+    given.loss.backward()
+    assert fused.grad.item() == pytest.approx(1 / 8)
 
 
 def test_unmasked_positions_never_leak_into_value_or_gradient():
     ce = torch.tensor([[1.0, float("inf"), float("nan")]], requires_grad=True)
     masked = torch.tensor([[True, False, False]])
     t = torch.tensor([[0.5, 0.0, 0.0]])  # weight 1/t is inf off the mask: it must not matter
-    loss = nelbo_from_token_ce(ce, masked, t, SCHED)
+    loss = nelbo(ce, nelbo_weights(masked, t, SCHED), ce.numel()).loss
     assert loss.item() == pytest.approx(2.0 / 3)
     loss.backward()
     assert ce.grad.tolist() == [[pytest.approx(2.0 / 3), 0.0, 0.0]]
@@ -47,9 +53,11 @@ def test_unmasked_positions_never_leak_into_value_or_gradient():
 
 def test_nelbo_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="one shape"):
-        token_nelbo(torch.ones(2, 4), torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 4), SCHED)
+        nelbo_weights(torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 4), SCHED)
     with pytest.raises(ValueError, match="bool"):
-        token_nelbo(torch.ones(2, 4), torch.ones(2, 4), torch.ones(2, 4), SCHED)
+        nelbo_weights(torch.ones(2, 4), torch.ones(2, 4), SCHED)
+    with pytest.raises(ValueError, match="one shape"):
+        nelbo(torch.ones(2, 4), torch.ones(2, 3), 8)
 
 
 def test_loglinear_schedule():

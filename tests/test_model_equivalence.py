@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bd3_megatron.diffusion import ClipWindow, block_causal_mask, corrupt, get_schedule, nelbo_from_token_ce
+from bd3_megatron.diffusion import ClipWindow, block_causal_mask, corrupt, get_schedule, nelbo, nelbo_weights
 from tests.helpers import MASK_ID, random_tokens, tiny_model
 
 
@@ -46,10 +46,10 @@ def test_vectorised_loss_equals_naive_per_block_loop(mcore, seq_len, block_size)
         fast = model(c.xt, x0, c.masked).ce
         slow = naive_block_ce(tiny_model(seq_len, block_size, noisy_half_last_layer=False), c.xt, x0, block_size)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
-    sched = get_schedule("loglinear")
+    weight = nelbo_weights(c.masked, c.t_tokens, get_schedule("loglinear"))
     torch.testing.assert_close(
-        nelbo_from_token_ce(fast, c.masked, c.t_tokens, sched),
-        nelbo_from_token_ce(slow, c.masked, c.t_tokens, sched),
+        nelbo(fast, weight, fast.numel()).loss,
+        nelbo(slow, weight, slow.numel()).loss,
         rtol=1e-5,
         atol=1e-6,
     )
@@ -72,7 +72,8 @@ def test_block_size_one_with_window_one_is_autoregressive_nll(mcore):
     )
     assert c.masked.all() and torch.all(c.t == 1.0)
     with torch.no_grad():
-        nelbo = nelbo_from_token_ce(model(c.xt, x0, c.masked).ce, c.masked, c.t_tokens, get_schedule("loglinear"))
+        ce = model(c.xt, x0, c.masked).ce
+        bound = nelbo(ce, nelbo_weights(c.masked, c.t_tokens, get_schedule("loglinear")), ce.numel()).loss
         model = tiny_model(seq_len, block_size=1, noisy_half_last_layer=False)  # same weights, every row returned
         nll = []
         for pos in range(seq_len):  # one forward per position: prefix x0[<pos] then a mask token
@@ -80,7 +81,7 @@ def test_block_size_one_with_window_one_is_autoregressive_nll(mcore):
             hidden = model.encode(ids, torch.arange(pos + 1), block_causal_mask(pos + 1, 1))
             nll.append(model.head_cross_entropy(hidden[pos], x0[:, pos]))
         ar = torch.stack(nll, dim=1).mean()
-    torch.testing.assert_close(nelbo, ar, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bound, ar, rtol=1e-5, atol=1e-6)
 
 
 def test_clean_half_and_other_noisy_blocks_cannot_leak(mcore):
@@ -158,8 +159,8 @@ def test_noisy_half_last_layer_equals_the_full_layer_on_the_noisy_half(mcore):
         global_batch_size=3,
     )
     weight = torch.where(c.masked, 1.0 / c.t_tokens, torch.zeros_like(c.t_tokens))
-    h_fast, seq = fast._bd3_hidden(c.xt, x0)
-    h_full, _ = full._bd3_hidden(c.xt, x0)
+    h_fast, seq = fast._stream_hidden(c.xt, x0)
+    h_full, _ = full._stream_hidden(c.xt, x0)
     assert h_fast.shape[0] == seq == 16 and h_full.shape[0] == 32
     torch.testing.assert_close(h_fast, h_full[:seq], rtol=1e-5, atol=1e-6)
     out_fast, out_full = fast(c.xt, x0, c.masked, weight), full(c.xt, x0, c.masked, weight)

@@ -14,7 +14,7 @@ from bd3_megatron.config import Config
 from bd3_megatron.diffusion import masks
 from bd3_megatron.diffusion.variance import block_has_tokens, block_means
 from bd3_megatron.training.batches import BatchMaker
-from bd3_megatron.training.trainer import _kept_blocks, loss_from_head
+from bd3_megatron.training.step import kept_blocks, loss_from_head
 from data_pipeline.dataset import InMemoryRows, ShuffledStream, padding_mask
 from tests.helpers import MASK_ID, VOCAB, random_tokens, tiny_model
 
@@ -167,7 +167,7 @@ def test_padded_rows_score_as_their_documents_alone(mcore):
         for k in range(-(-n // BLOCK)):
             lo, hi = k * BLOCK, min((k + 1) * BLOCK, n)
             assert float(report["block_losses"][i, k]) == pytest.approx(float(weighted[i, lo:hi].mean()), rel=1e-6)
-    assert _kept_blocks(report, "block_losses").numel() == int(keep.sum()) == 12
+    assert kept_blocks(report, "block_losses").numel() == int(keep.sum()) == 12
 
 
 def test_block_means_over_real_tokens():

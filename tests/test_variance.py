@@ -75,14 +75,13 @@ def test_search_is_the_same_on_one_and_two_data_parallel_ranks(data_cache, tmp_p
 
 def test_live_statistics_are_exact_pooled_moments(mcore):
     """The trainer's per-step block statistics equal a direct computation on the same reports."""
-    from bd3_megatron.training.trainer import Trainer
+    from bd3_megatron.training.step import nelbo_statistics
 
     reports = [
         {"block_losses": torch.tensor([[1.0, 2.0], [3.0, 10.0]]), "block_t": torch.tensor([[0.05, 0.5], [0.55, 0.99]])},
         {"block_losses": torch.tensor([[4.0, 6.0]]), "block_t": torch.tensor([[0.51, 0.02]])},
     ]
-    fake = type("T", (), {"dp": 1})()
-    out = Trainer._nelbo_statistics(fake, reports)
+    out = nelbo_statistics(reports, dp=1)
     values = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0, 6.0], dtype=torch.float64)
     assert out["nelbo_block_mean"] == pytest.approx(values.mean().item())
     assert out["nelbo_block_var"] == pytest.approx(values.var().item())

@@ -58,20 +58,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_evaluator(args):
-    """A single-process Trainer over the checkpoint's config with the requested evaluation settings."""
+    """A single-process :class:`Evaluator` (model and data, no optimizer) over the checkpoint's config with the
+    requested evaluation settings and the checkpoint's EMA (or ``--raw``) weights merged from any saved layout.
+    Returns (evaluator, checkpoint path, its metadata)."""
     from bd3_megatron.checkpoint import sharded as ckpt
     from bd3_megatron.config import config_from_dict
+    from bd3_megatron.model.bd3_model import canonical_parameter_names
+    from bd3_megatron.model.build import build_model
     from bd3_megatron.parallel import state
-    from bd3_megatron.training.trainer import Trainer
+    from bd3_megatron.training.batches import BatchMaker
+    from bd3_megatron.training.checkpointer import load_canonical
+    from bd3_megatron.training.evaluator import Evaluator
+    from data_pipeline.readers import build_datasets
     from data_pipeline.shards import IncompatibleData
+    from data_pipeline.tokenizers import get_tokenizer
 
     path = ckpt.resolve_checkpoint(args.checkpoint, None)
     meta = ckpt.read_metadata(path)
     raw = meta["config"]
     raw["parallel"] = {"tp": 1, "pp": 1, "zero_stage": 0, "device": raw["parallel"]["device"]}
-    raw["checkpoint"] = {"dir": None}
-    raw["log"] = dict(raw["log"], wandb=False, progress=False)
-    raw["optim"] = dict(raw["optim"], ema=0.0)
     raw["diffusion"] = dict(raw["diffusion"], clip_search=False)
     batch = args.batch_size or raw["train"]["micro_batch_size"]
     # every row is scored with noise keyed by the row, so the figure does not depend on the batch size
@@ -92,13 +97,19 @@ def build_evaluator(args):
             raw["sample"]["length"] = None
     cfg = config_from_dict(raw)
     ctx = state.initialize(1, 1, cfg.train.seed, cfg.parallel.device, env=state.LaunchEnv(0, 1, 0, "single"))
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    d = cfg.data
     try:
-        trainer = Trainer(cfg, ctx)
+        _, val_rows, _ = build_datasets(d.path, tokenizer, cfg.model.seq_len, d.val_docs, d.cache_dir, d.verify_shards)
     except IncompatibleData as exc:  # its message names training config keys; eval_ppl's only choice is --data
         raise ValueError(incompatible_data_message(exc, cfg)) from None
-    weights, ema = ckpt.load_resharded(path, meta, trainer.named, trainer.canonical)
-    trainer.load_weights(weights if args.raw or ema is None else ema["shadow"], source=path)
-    return trainer, path, meta
+    model = build_model(cfg, ctx, tokenizer.vocab_size, tokenizer.mask_token_id)
+    named, canonical = dict(model.named_parameters()), canonical_parameter_names(model)
+    weights, ema = ckpt.load_resharded(path, meta, named, canonical)
+    load_canonical(named, canonical, weights if args.raw or ema is None else ema["shadow"], source=path)
+    batches = BatchMaker(cfg, tokenizer.mask_token_id, ctx.runtime.device)
+    dtype = ctx.runtime.compute_dtype(cfg.train.precision)
+    return Evaluator(cfg, ctx, model, batches, val_rows, dtype), path, meta
 
 
 def incompatible_data_message(exc, cfg) -> str:
@@ -122,21 +133,22 @@ def incompatible_data_message(exc, cfg) -> str:
     return str(exc)
 
 
-def nelbo_k_samples(trainer, k: int, window=None) -> list[float]:
+def nelbo_k_samples(evaluator, k: int, window=None) -> list[float]:
     """Validation NELBO per token for k independent noise draws (draw 0 is the training run's evaluation noise)."""
-    return [trainer.evaluate(noise_draw=draw, window=window)["val_nelbo"] for draw in range(k)]
+    return [evaluator.evaluate(0, noise_draw=draw, window=window)["val_nelbo"] for draw in range(k)]
 
 
 def generated_texts(path, args, device) -> tuple[list[str], list[float]]:
     """``--num-samples`` samples of the evaluated weights from the KV-cache sampler (fixed length, starting at a
     document boundary, nucleus ``--nucleus-p``), decoded to text, with their token entropies."""
     from bd3_megatron.checkpoint.from_training import read_input
+    from bd3_megatron.modes import get_mode
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate, token_entropy
     from bd3_megatron.sampling.net import build_net
     from data_pipeline.tokenizers import get_tokenizer
 
     ck = read_input(path, weights="raw" if args.raw else None, log=lambda msg: None)
-    if ck.config.mode != "bd3":
+    if not get_mode(ck.config.mode).block_sampler:
         raise ValueError(f"generative perplexity samples a bd3 model; this checkpoint is model.mode={ck.config.mode}")
     tok = get_tokenizer(ck.tokenizer)
     net = build_net(ck.config, ck.state, device=device)
@@ -160,6 +172,7 @@ def main(argv=None) -> int:
     quiet_library_warnings()
     from bd3_megatron.checkpoint.sharded import CheckpointError
     from bd3_megatron.config import ConfigError
+    from bd3_megatron.modes import get_mode
     from bd3_megatron.parallel import state
 
     for flag, value, least in (
@@ -178,17 +191,17 @@ def main(argv=None) -> int:
             if not 0.0 < args.window[0] <= args.window[1] <= 1.0:
                 raise ValueError(f"--window needs 0 < BETA <= OMEGA <= 1, got {args.window[0]:g} {args.window[1]:g}")
             window = ClipWindow(*args.window)
-        trainer, path, meta = build_evaluator(args)
+        evaluator, path, meta = build_evaluator(args)
         try:
-            if window is not None and trainer.cfg.model.mode == "ar":
+            if window is not None and not get_mode(evaluator.cfg.model.mode).diffusion:
                 raise ValueError("--window applies to diffusion models; an ar checkpoint's figure is its exact NLL")
-            draws = nelbo_k_samples(trainer, args.samples_per_seq, window)
+            draws = nelbo_k_samples(evaluator, args.samples_per_seq, window)
             nelbo = sum(draws) / len(draws)
             result = {
                 "checkpoint": str(path),
                 "step": meta["step"],
-                "block_size": trainer.cfg.model.block_size,
-                "val_rows": trainer._val_rows_scored(),
+                "block_size": evaluator.cfg.model.block_size,
+                "val_rows": evaluator.rows_scored(),
                 "nelbo": nelbo,
                 "ppl": math.exp(min(nelbo, 50.0)),
                 "bpd": nelbo / math.log(2),
@@ -200,8 +213,9 @@ def main(argv=None) -> int:
             if args.gen_ppl_model:
                 from bd3_megatron.sampling.scorer import generative_perplexity, load_scorer
 
-                scorer = load_scorer(args.gen_ppl_model, device=trainer.device)
-                texts, entropies = generated_texts(path, args, trainer.device)
+                device = evaluator.ctx.runtime.device
+                scorer = load_scorer(args.gen_ppl_model, device=device)
+                texts, entropies = generated_texts(path, args, device)
                 gen = generative_perplexity(scorer, texts)
                 result.update(
                     gen_ppl=gen.mean,

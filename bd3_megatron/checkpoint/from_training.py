@@ -15,6 +15,7 @@ import torch
 
 from bd3_megatron.checkpoint import sharded as ckpt
 from bd3_megatron.checkpoint.sampler import SamplerCheckpoint, check_state, detect_format, load_checkpoint
+from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import NetConfig
 
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -48,7 +49,7 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
     try:
         m = meta["config"]["model"]
         mode = m.get("mode", "bd3")
-        if mode not in ("bd3", "ar"):
+        if not get_mode(mode).sampler_net:
             raise ValueError(
                 f"this checkpoint is a model.mode={mode} baseline; the sampler checkpoint format holds "
                 f"bd3 models and the ar baseline (evaluate {mode} with tools/eval_ppl.py)"

@@ -23,6 +23,7 @@ from bd3_megatron.checkpoint.sampler import (
     check_state,
     write_folder,
 )
+from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import NetConfig
 
 HF_COND_DIM = 128  # cond_dim of the published bd3lms models; irrelevant here since the adaLN weights are zero
@@ -101,7 +102,7 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     """(config.json dict, state dict) in the reference BD3LM layout; exact (no arithmetic on any weight)."""
     cfg, s = ckpt.config, ckpt.state
     h, heads, cond = cfg.hidden_size, cfg.num_heads, HF_COND_DIM
-    if cfg.mode != "bd3":
+    if not get_mode(cfg.mode).block_sampler:
         raise ValueError(
             f"the bd3lm HF layout holds block diffusion models; this is a model.mode={cfg.mode} "
             f"checkpoint (use --format native)"

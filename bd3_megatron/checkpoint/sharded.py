@@ -63,6 +63,11 @@ class Layout:
     dp_rank: int
     rank: int
 
+    @classmethod
+    def of(cls, ctx) -> Layout:
+        """This rank's place in the run's ParallelContext (``bd3_megatron.parallel.state``)."""
+        return cls(ctx.tp, ctx.pp, ctx.dp, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank, ctx.rank)
+
     def model_file(self) -> str:
         return f"model_tp{self.tp_rank:02d}_pp{self.pp_rank:02d}.pt"
 

@@ -4,7 +4,7 @@ No distributed code and no megatron imports: everything here runs the same in on
 GPU.
 """
 
-from bd3_megatron.diffusion.loss import nelbo_from_token_ce, nelbo_sum, subs_log_probs, token_nelbo
+from bd3_megatron.diffusion.loss import NELBO, nelbo, nelbo_weights, never_predicted, subs_log_probs
 from bd3_megatron.diffusion.masks import (
     bd3_mask,
     block_causal_mask,
@@ -41,12 +41,13 @@ __all__ = [
     "keyed_uniform",
     "make_mask_mod",
     "mask_density",
-    "nelbo_from_token_ce",
-    "nelbo_sum",
+    "NELBO",
+    "nelbo",
+    "nelbo_weights",
+    "never_predicted",
     "resample_blocks",
     "sample_mask",
     "sample_t",
     "subs_log_probs",
-    "token_nelbo",
     "window_feasible",
 ]

@@ -35,8 +35,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from bd3_megatron.diffusion import masks
+from bd3_megatron.diffusion.loss import never_predicted
 from bd3_megatron.model.attention import BD3CoreAttention, is_block_mask
 from bd3_megatron.model.head import linear_cross_entropy
+from bd3_megatron.modes import get_mode
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class BD3Spec:
     block_size: int  # L'
     attention_backend: str = "auto"  # auto | sdpa | flex
     vocab_multiple: int = 128
-    mode: str = "bd3"  # bd3 (x_t ⊕ x0) | mdlm (x_t alone, bidirectional) | ar (x0 alone, causal, next token)
+    mode: str = "bd3"  # a registered model mode (bd3_megatron.modes): its input stream, mask and head inputs
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 32 MiB logit budget)
     noisy_half_last_layer: bool = True  # bd3: the last layer computes the noisy half only (the head's input)
     recompute: bool = False  # activation recomputation of every layer in backward (model.recompute)
@@ -73,11 +75,12 @@ def bd3_layer_spec(noisy_queries_only: bool = False) -> ModuleSpec:
 
 
 def bd3_block_spec(config: TransformerConfig, spec: BD3Spec, post_process: bool) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers. In bd3 mode the model's last layer (last stage only) is a
-    :class:`NoisyHalfTransformerLayer` unless ``spec.noisy_half_last_layer`` is off: nothing reads the clean half
-    of its output."""
+    """This pipeline stage's layers. For a mode whose head reads the noisy half alone (bd3) the model's last layer
+    (last stage only) is a :class:`NoisyHalfTransformerLayer` unless ``spec.noisy_half_last_layer`` is off: nothing
+    reads the clean half of its output."""
     layers = get_num_layers_to_build(config)
-    last_noisy_only = spec.mode == "bd3" and spec.noisy_half_last_layer and post_process and layers > 0
+    noisy_half = get_mode(spec.mode).noisy_half_last_layer and spec.noisy_half_last_layer
+    last_noisy_only = noisy_half and post_process and layers > 0
     specs = [bd3_layer_spec() for _ in range(layers - last_noisy_only)]
     specs += [bd3_layer_spec(noisy_queries_only=True)] * last_noisy_only
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
@@ -167,7 +170,7 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
         part = padded_vocab // tp
         self.vocab_start = part * parallel_state.get_tensor_model_parallel_rank()
         ids = torch.arange(part) + self.vocab_start
-        never = (ids == spec.mask_token_id) | (ids >= spec.vocab_size)
+        never = never_predicted(ids, spec.mask_token_id, spec.vocab_size)
         self.register_buffer("never_predict", never.nonzero().flatten(), persistent=False)  # [K] local column ids
         self.chunk_tokens = spec.ce_chunk_tokens
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
@@ -201,6 +204,7 @@ class BD3Model(MegatronModule):
         if spec.seq_len % spec.block_size:
             raise ValueError(f"seq_len {spec.seq_len} is not a multiple of block_size {spec.block_size}")
         self.spec = spec
+        self.mode = get_mode(spec.mode)
         self.pre_process = pre_process
         self.post_process = post_process
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -230,17 +234,15 @@ class BD3Model(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     # ---- masks ----
-    def bd3_attention_mask(self, seq_len: int, device: torch.device):
-        """The x_t ⊕ x mask for ``seq_len`` (cached per shape): flex BlockMask on CUDA, dense bool otherwise."""
+    def attention_mask(self, seq_len: int, device: torch.device):
+        """The mode's attention mask for ``seq_len`` (cached per shape): for bd3 the x_t ⊕ x mask as a flex BlockMask
+        on CUDA and dense bool otherwise (``attention_backend``); the baselines' dense slices of it."""
         backend = self.spec.attention_backend
         if backend == "auto":
             backend = "flex" if device.type == "cuda" else "sdpa"
         key = (seq_len, backend, str(device))
         if key not in self._masks:
-            if backend == "flex":
-                self._masks[key] = masks.flex_block_mask(seq_len, self.spec.block_size, device)
-            else:
-                self._masks[key] = masks.bd3_mask(seq_len, self.spec.block_size, device=device)
+            self._masks[key] = self.mode.attention_mask(seq_len, self.spec.block_size, backend, device)
         return self._masks[key]
 
     # ---- forward pieces ----
@@ -266,19 +268,6 @@ class BD3Model(MegatronModule):
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         return logits[..., : self.spec.vocab_size]
 
-    def _stream_mask(self, seq_len: int, device: torch.device):
-        """Attention mask of the input stream: the BD3 mask for x_t ⊕ x0, or for the baselines the slices of the
-        same mask function: L'=L noisy half (MDLM, bidirectional) and the L'=1 clean half (AR, causal)."""
-        if self.spec.mode == "bd3":
-            return self.bd3_attention_mask(seq_len, device)
-        key = (self.spec.mode, seq_len, str(device))
-        if key not in self._masks:
-            if self.spec.mode == "mdlm":
-                self._masks[key] = masks.bd3_mask(seq_len, seq_len, device=device)[:seq_len, :seq_len]
-            else:
-                self._masks[key] = masks.block_causal_mask(seq_len, 1, device=device)
-        return self._masks[key]
-
     def _padded_mask(self, mask, key_padding: torch.Tensor, seq_len: int, streams: int):
         """The stream mask with padding keys hidden from every query (each query still attends itself), per batch
         row. key_padding [b, L] marks a row's padding; both halves of x_t ⊕ x0 share it."""
@@ -287,22 +276,20 @@ class BD3Model(MegatronModule):
             return masks.padded_flex_block_mask(seq_len, self.spec.block_size, key_padding)
         return masks.padded_dense(mask, key_padding)
 
-    def _bd3_hidden(self, xt, x0, key_padding: torch.Tensor | None = None):
-        """Hidden states of this stage and L. bd3 runs x_t ⊕ x0 (2L tokens, positions shared by both halves);
-        mdlm runs x_t alone and ar x0 alone (L tokens). key_padding [b, L] (True at padding, optional) hides padding
-        keys; without it the cached mask is used unchanged."""
-        streams = 2 if self.spec.mode == "bd3" else 1
+    def _stream_hidden(self, xt, x0, key_padding: torch.Tensor | None = None):
+        """Hidden states [streams·L, b, h] of this stage, and L. The mode picks the input stream: x_t ⊕ x0 for bd3
+        (2L tokens, positions shared by both halves), x_t for mdlm, x0 for ar. key_padding [b, L] (True at padding,
+        optional) hides padding keys; without it the cached mask is used unchanged."""
+        streams = self.mode.streams
         if self.pre_process:
             seq_len = (x0 if x0 is not None else xt).shape[1]
         else:  # later pipeline stages infer L from the received activations [streams*L, b, h]
             seq_len = self.decoder.input_tensor.shape[0] // streams
         device = self.rotary.inv_freq.device
         positions = torch.arange(seq_len, device=device)
-        ids = None
-        if self.pre_process:
-            ids = {"bd3": lambda: torch.cat([xt, x0], dim=1), "mdlm": lambda: xt, "ar": lambda: x0}[self.spec.mode]()
+        ids = self.mode.input_ids(xt, x0) if self.pre_process else None
         positions = positions.repeat(streams)
-        mask = self._stream_mask(seq_len, device)
+        mask = self.attention_mask(seq_len, device)
         if key_padding is not None:
             mask = self._padded_mask(mask, key_padding, seq_len, streams)
         return self.encode(ids, positions, mask), seq_len
@@ -328,14 +315,11 @@ class BD3Model(MegatronModule):
         l-1; position 0 has no prediction) — and ``nelbo_sum`` = Σ loss_weight·ce, the differentiable training
         objective (0 without ``loss_weight``).
         """
-        hidden, seq_len = self._bd3_hidden(xt, x0, key_padding)
+        hidden, seq_len = self._stream_hidden(xt, x0, key_padding)
         if not self.post_process:
             return hidden
         out = hidden[:seq_len].transpose(0, 1)  # [b, L, h]; in bd3 the clean half feeds attention only
-        if self.spec.mode == "ar":  # the state at l-1 predicts token l
-            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
-            loss_mask = loss_mask.clone()
-            loss_mask[:, 0] = False
+        out, loss_mask = self.mode.head_inputs(out, loss_mask)  # ar: the state at l-1 predicts token l
         # the predicted positions, batch-major, found once (one host synchronisation instead of one per bool index)
         idx = loss_mask.reshape(-1).nonzero().squeeze(1)
 
@@ -351,9 +335,9 @@ class BD3Model(MegatronModule):
         """Logits [b, end-start, V] of noisy positions [start, end) given x_t ⊕ x0 (single-stage models only)."""
         if not (self.pre_process and self.post_process):
             raise RuntimeError("block_logits needs the whole model on one stage (pipeline size 1)")
-        if self.spec.mode != "bd3":
-            raise RuntimeError(f"block sampling is for bd3 models, this one is {self.spec.mode}")
-        hidden, seq_len = self._bd3_hidden(xt, x0)
+        if not self.mode.block_sampler:
+            raise RuntimeError(f"block sampling is for bd3 models, this one is {self.mode.name}")
+        hidden, seq_len = self._stream_hidden(xt, x0)
         return self.full_logits(hidden[start:end].transpose(0, 1))
 
 

@@ -46,6 +46,7 @@ from typing import Protocol
 
 import torch
 
+from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import BD3Net, KVCache
 
 SCHEDULES = ("ddpm", "first_hitting", "threshold")
@@ -358,7 +359,7 @@ def generate(
     is aligned to the model's block grid, so a prompt tail shorter than a block is denoised around."""
     opts.validate()
     cfg = net.cfg
-    if cfg.mode != "bd3":
+    if not get_mode(cfg.mode).block_sampler:
         raise ValueError(
             f"this is a model.mode={cfg.mode} checkpoint; the block diffusion sampler needs a bd3 model "
             f"(an ar checkpoint scores samples: tools/eval_ppl.py --gen-ppl-model)"

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bd3_megatron.diffusion.masks import bd3_mask
+from bd3_megatron.modes import MODES
+
+SAMPLER_NET_MODES = tuple(name for name, mode in MODES.items() if mode.sampler_net)
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,10 @@ class NetConfig:
     dropout: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("bd3", "ar"):
-            raise ValueError(f"model mode {self.mode!r} is not one the single-device network runs (bd3, ar)")
+        if self.mode not in SAMPLER_NET_MODES:
+            raise ValueError(
+                f"model mode {self.mode!r} is not one the single-device network runs ({', '.join(SAMPLER_NET_MODES)})"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:

@@ -27,6 +27,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from bd3_megatron.modes import get_mode
+
 
 class Scorer(Protocol):
     name: str
@@ -107,7 +109,8 @@ class ProjectScorer:
         from bd3_megatron.sampling.net import build_net
 
         cfg = ckpt.config
-        if cfg.mode == "bd3" and cfg.block_size != 1:
+        self.causal = not get_mode(cfg.mode).diffusion  # the AR baseline; else a block diffusion model at L'=1
+        if not self.causal and cfg.block_size != 1:
             raise ValueError(
                 f"a bd3 model with block size L'={cfg.block_size} is not an autoregressive scorer (its "
                 f"likelihood is only bounded by the NELBO); score with a model.mode=ar checkpoint or a "
@@ -123,7 +126,7 @@ class ProjectScorer:
         self.device = torch.device(device)
         self.context = cfg.seq_len
         self.eos_token_id = self.tokenizer.eos_token_id
-        kind = "ar" if cfg.mode == "ar" else "bd3 L'=1"
+        kind = cfg.mode if self.causal else f"{cfg.mode} L'=1"
         self.name = f"{kind} checkpoint {ckpt.source.get('path', '')}".strip()
 
     def encode(self, text: str) -> list[int]:
@@ -132,7 +135,7 @@ class ProjectScorer:
     @torch.no_grad()
     def window_nll(self, ids: torch.Tensor) -> torch.Tensor:
         x0 = ids.to(self.device)[None]
-        if self.cfg.mode == "ar":
+        if self.causal:
             return next_token_nll(self.net.logits(self.net.causal_hidden(x0))[0], x0[0])
         xt = torch.full_like(x0, self.cfg.mask_token_id)  # every token masked: window (1, 1)
         logits = self.net.bd3_logits(xt, x0, block_size=1)[0]

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from bd3_megatron.config import Config
-from bd3_megatron.diffusion import noise
-from bd3_megatron.diffusion.loss import token_nelbo
 from bd3_megatron.diffusion.schedule import ClipWindow, get_schedule
+from bd3_megatron.modes import get_mode
 from data_pipeline.dataset import padding_mask
 
 EVAL_SEED_OFFSET = 7919  # validation noise is a separate stream, identical at every evaluation
@@ -57,14 +56,16 @@ def sample_indices(step: int, micro: int, dp_rank: int, dp: int, micro_batch: in
 
 
 class BatchMaker:
-    """Builds corrupted micro-batches for training (and fixed-noise ones for validation)."""
+    """Builds micro-batches from clean rows x0 through the model mode (its inputs, targets and NELBO weights), for
+    training and (fixed noise) for validation."""
 
     def __init__(self, cfg: Config, mask_token_id: int, device: torch.device):
         self.cfg = cfg
+        self.mode = get_mode(cfg.model.mode)
         self.mask_token_id = mask_token_id
         self.device = device
         d = cfg.diffusion
-        self.window = ClipWindow(d.eps_min, d.eps_max)
+        self.window = ClipWindow(d.eps_min, d.eps_max)  # moved by the clip-window search
         self.schedule = get_schedule(d.schedule)
 
     def corrupt(
@@ -79,41 +80,23 @@ class BatchMaker:
         seed_offset: int = 0,
         padding: torch.Tensor | None = None,
     ) -> MicroBatch:
-        """Training batches use the current window (``self.window``, moved by the clip search) with the configured
-        resampling; evaluation passes its own window, and resampling only if asked. ``padding`` [b, L] (True at
-        padding, or None) comes with --pad rows: padding positions are never masked, so their weight is 0; the noise
-        of every real token is the same as without it."""
-        d = self.cfg.diffusion
-        if padding is not None:
-            padding = padding.to(self.device)
-        if self.cfg.model.mode == "ar":
-            return self._next_token_batch(x0.to(self.device), sample_index.to(self.device), padding)
+        """The micro-batch of clean rows x0 [b, L] (global sample indices ``sample_index`` [b], optimizer step
+        ``step``). Training batches use the current window (``self.window``) with the configured resampling;
+        evaluation passes its own window, and resampling only if asked. ``padding`` [b, L] (True at padding, or None)
+        comes with --pad rows: padding is never predicted (weight 0); every real token's noise is the same as
+        without it."""
         if resample is None:
-            resample = d.resample and window is None
-        x0 = x0.to(self.device)
-        sample_index = sample_index.to(self.device)
-        c = noise.corrupt(
-            x0,
-            sample_index,
+            resample = self.cfg.diffusion.resample and window is None
+        return self.mode.make_batch(
+            self,
+            x0.to(self.device),
+            sample_index.to(self.device),
             step,
-            seed=self.cfg.train.seed + seed_offset,
-            block_size=self.cfg.model.block_size,
             window=window or self.window,
-            mask_token_id=self.mask_token_id,
-            global_batch_size=global_batch or self.cfg.train.global_batch_size,
-            antithetic=d.antithetic,
             resample=resample,
-            ignore_bos=d.ignore_bos,
-            max_tries=d.resample_tries,
-        )
-        masked, xt = c.masked, c.xt
-        if padding is not None:  # drawn as usual (same keys), then padding is taken out of the mask
-            masked = masked & ~padding
-            xt = torch.where(padding, x0, xt)
-        # per-token NELBO weight: the SUBS NELBO of a unit cross-entropy at every token
-        weight = token_nelbo(torch.ones_like(c.t_tokens), masked, c.t_tokens, self.schedule)
-        return MicroBatch(
-            x0=x0, xt=xt, masked=masked, weight=weight.float(), t=c.t, sample_index=sample_index, padding=padding
+            global_batch=global_batch or self.cfg.train.global_batch_size,
+            seed=self.cfg.train.seed + seed_offset,
+            padding=None if padding is None else padding.to(self.device),
         )
 
     def eval_batch(
@@ -149,21 +132,3 @@ class BatchMaker:
         )
         batch.weight[~batch.valid] = 0.0
         return batch
-
-    def _next_token_batch(
-        self, x0: torch.Tensor, sample_index: torch.Tensor, padding: torch.Tensor | None = None
-    ) -> MicroBatch:
-        """The AR baseline: predict every real token but the first from its prefix. The weight (tokens averaged over) /
-        (tokens predicted), L/(L-1) without padding, makes the loss mean equal the mean NLL of the predicted ones."""
-        b, seq = x0.shape
-        predicted = torch.ones_like(x0, dtype=torch.bool)
-        predicted[:, 0] = False
-        if padding is None:
-            weight = predicted.float() * (seq / max(seq - 1, 1))
-        else:
-            predicted &= ~padding
-            weight = predicted.float() * ((~padding).sum() / predicted.sum().clamp_min(1))
-        t = torch.ones(b, seq // self.cfg.model.block_size, device=x0.device)
-        return MicroBatch(
-            x0=x0, xt=x0, masked=predicted, weight=weight, t=t, sample_index=sample_index, padding=padding
-        )

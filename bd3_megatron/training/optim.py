@@ -29,6 +29,10 @@ class EMA:
 
     def __init__(self, named_params: dict[str, torch.Tensor], decay: float):
         self.decay = decay
+        self.restart(named_params)
+
+    def restart(self, named_params: dict[str, torch.Tensor]) -> None:
+        """Start over from the current weights (no updates yet), e.g. after loading another run's weights."""
         self.num_updates = 0
         self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
 
