@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from bd3_megatron.io import atomic_write, atomic_write_text
 from data_pipeline.corpus import read_documents, source_files
 from data_pipeline.packing import pack_wrap
 from data_pipeline.tokenizers import Tokenizer
@@ -172,18 +171,6 @@ def _cache_key(source: str, tokenizer: Tokenizer, seq_len: int, val_docs: int) -
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temp file in the same folder then os.replace, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cache_paths(cache_dir: str, key: str) -> tuple[Path, Path, Path]:
     base = Path(cache_dir)
     return base / f"rows-{key}.train.npy", base / f"rows-{key}.val.npy", base / f"rows-{key}.json"
@@ -205,9 +192,9 @@ def _load_cache(paths: tuple[Path, Path, Path]) -> tuple[np.ndarray, np.ndarray,
 def _save_cache(paths: tuple[Path, Path, Path], train: np.ndarray, val: np.ndarray, info: dict[str, Any]) -> None:
     train_p, val_p, info_p = paths
     train_p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(train_p, lambda f: np.save(f, train, allow_pickle=False))
-    _atomic_write(val_p, lambda f: np.save(f, val, allow_pickle=False))
-    _atomic_write(info_p, lambda f: f.write(json.dumps(info, indent=1, sort_keys=True).encode()))
+    atomic_write(train_p, lambda f: np.save(f, train, allow_pickle=False))
+    atomic_write(val_p, lambda f: np.save(f, val, allow_pickle=False))
+    atomic_write_text(info_p, json.dumps(info, indent=1, sort_keys=True))
 
 
 def build_text_datasets(

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bd3_megatron.io import atomic_write_bytes
 from data_pipeline import shards
 from data_pipeline.dataset import InMemoryRows, build_text_datasets
 from data_pipeline.tokenizers import Tokenizer
@@ -239,10 +240,7 @@ def _decompressed(path: Path, entry: dict[str, Any], compression: str, cache: Pa
             "re-copy the prepared dataset or re-run data_pipeline.prepare"
         )
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = raw.with_name(f".{raw.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, raw)
-    return raw
+    return atomic_write_bytes(raw, data)
 
 
 def _tar_offsets(path: Path, entry: dict[str, Any], seq_len: int, dtype: np.dtype) -> np.ndarray:

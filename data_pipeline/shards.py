@@ -16,12 +16,13 @@ StreamingDataset / webdataset loaders. Writers are byte-deterministic (fixed tar
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from bd3_megatron.io import atomic_write, atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "bd3-megatron-token-shards"
@@ -201,12 +202,7 @@ def build_wds_index(shard: Path, seq_len: int, dtype: np.dtype) -> np.ndarray:
 
 def write_wds_index(shard: Path, offsets: np.ndarray) -> Path:
     """Cache member offsets next to the shard (atomic), so readers skip the header scan."""
-    path = wds_index_path(shard)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.asarray(offsets, dtype=np.int64), allow_pickle=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(wds_index_path(shard), lambda f: np.save(f, np.asarray(offsets, np.int64), allow_pickle=False))
 
 
 def split_folder(root: Path, split: str) -> Path:
@@ -217,11 +213,7 @@ def split_folder(root: Path, split: str) -> Path:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     """manifest.json via temp file + rename: its presence marks a complete prepared dataset."""
-    path = Path(root) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(root) / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def is_prepared_dir(path: str | Path) -> bool:

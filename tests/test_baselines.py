@@ -54,7 +54,7 @@ def test_ar_is_next_token_prediction(mcore):
         for pos in range(1, 12):
             hidden = ar.encode(x0[:, :pos], torch.arange(pos), block_causal_mask(pos, 1))
             torch.testing.assert_close(
-                ce[:, pos], ar.head_cross_entropy(hidden[pos - 1], x0[:, pos]), rtol=1e-5, atol=1e-6
+                ce[:, pos], ar.output_layer(hidden[pos - 1], labels=x0[:, pos]).ce, rtol=1e-5, atol=1e-6
             )
 
 

@@ -21,7 +21,7 @@ def naive_block_ce(model, xt, x0, block_size):
         h_blk = hidden[lo:hi].transpose(0, 1)  # [b, L', h]
         masked = xt[:, lo:hi] == MASK_ID
         if masked.any():
-            vals = model.head_cross_entropy(h_blk[masked], x0[:, lo:hi][masked])
+            vals = model.output_layer(h_blk[masked], labels=x0[:, lo:hi][masked]).ce
             ce[:, lo:hi] = torch.zeros(b, block_size).masked_scatter(masked, vals)
     return ce
 
@@ -79,7 +79,7 @@ def test_block_size_one_with_window_one_is_autoregressive_nll(mcore):
         for pos in range(seq_len):  # one forward per position: prefix x0[<pos] then a mask token
             ids = torch.cat([x0[:, :pos], torch.full((2, 1), MASK_ID)], dim=1)
             hidden = model.encode(ids, torch.arange(pos + 1), block_causal_mask(pos + 1, 1))
-            nll.append(model.head_cross_entropy(hidden[pos], x0[:, pos]))
+            nll.append(model.output_layer(hidden[pos], labels=x0[:, pos]).ce)
         ar = torch.stack(nll, dim=1).mean()
     torch.testing.assert_close(bound, ar, rtol=1e-5, atol=1e-6)
 

@@ -135,7 +135,7 @@ def naive_document_ce(model, xt: torch.Tensor, x0: torch.Tensor, n: int) -> torc
         hidden = model.encode(torch.cat([x0[:lo], xt[lo:hi]])[None], torch.arange(hi), blk[:, None] >= blk[None, :])
         masked = xt[lo:hi] == MASK_ID
         if masked.any():
-            ce[lo:hi][masked] = model.head_cross_entropy(hidden[lo:hi, 0][masked], x0[lo:hi][masked])
+            ce[lo:hi][masked] = model.output_layer(hidden[lo:hi, 0][masked], labels=x0[lo:hi][masked]).ce
     return ce
 
 

@@ -23,6 +23,7 @@ from bd3_megatron.checkpoint.sampler import (
     check_state,
     write_folder,
 )
+from bd3_megatron.model.rope import rope_inv_freq
 from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import NetConfig
 
@@ -42,10 +43,6 @@ def _qkv_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
 def _qkv_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
     three_h, h = w.shape
     return w.view(3, heads, three_h // (3 * heads), h).transpose(0, 1).reshape(three_h, h)
-
-
-def _hf_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
 
 
 def hf_expected_shapes(
@@ -125,7 +122,7 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
         "backbone.sigma_map.mlp.0.bias": torch.zeros(cond, **f32),
         "backbone.sigma_map.mlp.2.weight": torch.zeros(cond, cond, **f32),
         "backbone.sigma_map.mlp.2.bias": torch.zeros(cond, **f32),
-        "backbone.rotary_emb.inv_freq": _hf_inv_freq(cfg.head_dim),
+        "backbone.rotary_emb.inv_freq": rope_inv_freq(cfg.head_dim),
     }
     for i in range(cfg.num_layers):
         p, q = f"decoder.layers.{i}.", f"backbone.blocks.{i}."
@@ -247,7 +244,7 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
         return list(s[name + ".bias"].chunk(k))
 
     _require(
-        torch.allclose(s["backbone.rotary_emb.inv_freq"], _hf_inv_freq(h // heads), rtol=1e-6, atol=0),
+        torch.allclose(s["backbone.rotary_emb.inv_freq"], rope_inv_freq(h // heads), rtol=1e-6, atol=0),
         f"{where}: backbone.rotary_emb.inv_freq is not the base-10000 table this model uses",
     )
     out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bd3_megatron.io import atomic_write_text, fsync_dir
 from bd3_megatron.parallel import device
 
 FORMAT_VERSION = 2  # 2: files[name] = {"bytes", "sha256"} and metadata_sha256; 1 (sizes only) is still read
@@ -83,11 +84,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _library_versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -98,29 +94,6 @@ def _library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the folder's entries (created/renamed files) durable: a rename is only on disk once its folder is."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class _HashingWriter:
@@ -296,8 +269,8 @@ def save_checkpoint(
                 files=dict(sorted(all_files.items())),
             )
             meta["metadata_sha256"] = metadata_digest(meta)
-            _atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=2, sort_keys=True))
-            _fsync_dir(tmp)
+            atomic_write_text(tmp / "metadata.json", json.dumps(meta, indent=2, sort_keys=True), durable=True)
+            fsync_dir(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace only once the new one is whole
                 mine = verified is not None and final.name in verified
                 old = root / (final.name + (".old" if mine else ".replaced"))
@@ -310,8 +283,8 @@ def save_checkpoint(
             else:
                 os.replace(tmp, final)
             published = True
-            _fsync_dir(root)
-            _atomic_write_text(root / "latest", final.name + "\n")
+            fsync_dir(root)
+            atomic_write_text(root / "latest", final.name + "\n", durable=True)
             if keep:
                 _prune(root, keep, (verified or set()) | {final.name}, resumed_step)
         except OSError as exc:

@@ -3,6 +3,11 @@
     x_t ⊕ x0 --VocabParallelEmbedding--> [2L, b, h] --TransformerBlock(BD3 mask, shared RoPE)--> [2L, b, h]
         --keep noisy half [:L], select masked positions--> ColumnParallelLinear head --> vocab-parallel CE
 
+Shape legend (megatron-core's convention): b micro-batch size, L sequence length, L' block size, S = streams·L
+tokens the backbone reads (2L for x_t ⊕ x0; L for the mdlm and ar modes), h hidden size, V vocabulary (V/tp per
+tensor-parallel rank), N predicted positions of the micro-batch. Hidden states are sequence-first [S, b, h].
+The model mode (``bd3_megatron.modes``) picks the input stream, the mask and where the head reads.
+
 The model knows nothing of DeepSpeed or Slurm. Tensor parallelism lives inside the megatron layers; pipeline
 parallelism is expressed the megatron way (``pre_process``/``post_process`` stages, ``set_input_tensor``), and every
 stage rebuilds the mask and the rotary table locally instead of receiving them.
@@ -38,6 +43,7 @@ from bd3_megatron.diffusion import masks
 from bd3_megatron.diffusion.loss import never_predicted
 from bd3_megatron.model.attention import BD3CoreAttention, is_block_mask
 from bd3_megatron.model.head import linear_cross_entropy
+from bd3_megatron.model.rope import rope_angles, rope_inv_freq
 from bd3_megatron.modes import get_mode
 
 
@@ -135,12 +141,10 @@ class SharedRotary(torch.nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, base), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        freqs = torch.outer(position_ids.to(self.inv_freq.device, torch.float32), self.inv_freq)
-        return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # [S, 1, 1, head_dim], rotate-half layout
+        return rope_angles(position_ids, self.inv_freq)[:, None, None, :]  # [S, 1, 1, head_dim]
 
 
 class HeadOutput(NamedTuple):
@@ -255,11 +259,6 @@ class BD3Model(MegatronModule):
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [N, V/tp] in fp32 with never-predicted ids at -inf."""
         return self.output_layer(hidden)
-
-    def head_cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy [N] (no gradient) of ``labels`` under the SUBS-masked head, without gathering
-        the vocabulary."""
-        return self.output_layer(hidden, labels=labels).ce
 
     def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary [N, V] (gathered across TP), for sampling and evaluation."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bd3_megatron.diffusion.masks import bd3_mask
+from bd3_megatron.model.rope import rope_angles, rope_inv_freq
 from bd3_megatron.modes import MODES
 
 SAMPLER_NET_MODES = tuple(name for name, mode in MODES.items() if mode.sampler_net)
@@ -156,13 +157,11 @@ class BD3Net(nn.Module):
     # ---- rotary ----
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         """The training model's SharedRotary table, always fp32 (not a buffer, so ``.to(bfloat16)`` keeps it)."""
-        hd = self.cfg.head_dim
-        return (1.0 / (self.cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))).to(device)
+        return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base).to(device)
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [S, head_dim] (fp32) for integer positions [S]."""
-        freqs = torch.outer(positions.to(torch.float32), self.inv_freq(positions.device))
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = rope_angles(positions, self.inv_freq(positions.device))
         return emb.cos(), emb.sin()
 
     @staticmethod
