@@ -192,3 +192,41 @@ def test_micro_reproduction_writes_the_table_and_resumes(tmp_path):
     assert len((out / "seed_1" / "bd3_l4" / "samples.jsonl").read_text().splitlines()) == 3
     eval_json = out / "seed_1" / "bd3_l4" / "eval.json"
     assert eval_json.stat().st_mtime_ns == stamps[eval_json]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_running_training_and_a_rerun_continues(tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / "repro"
+    argv = [sys.executable, "tools/reproduce.py", "--output", str(out), "--seeds", "1", "--systems", "ar", *MICRO]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [*argv, "train.max_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    log = out / "seed_1" / "ar" / "train.log"
+    deadline = time.time() + 240
+    while not (log.is_file() and "step 3/" in log.read_text(errors="replace")):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the driver
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    step = rp.latest_step(out / "seed_1" / "ar" / "checkpoints")
+    assert step is not None and step >= 3
+    assert f"training stopped at step {step} of 100000" in stderr and "stopped: every finished step is kept" in stderr
+    assert not (out / "seed_1" / "ar" / "train.json").exists()
+    # the rerun resumes that checkpoint (here: asked to end at its step, so it finishes at once)
+    done = subprocess.run(
+        [*argv, "--train-only", f"train.max_steps={step}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "seed_1" / "ar" / "train.json").read_text())["step"] == step
+    text = log.read_text(errors="replace")
+    assert "resumed from" in text and f"at step {step}" in text.split("resumed from")[-1]

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -335,13 +336,47 @@ def _cuda_visible() -> bool:
         return False
 
 
+class _Children:
+    """The steps' subprocesses, so a stop request reaches them (SIGTERM: training checkpoints and exits) and no new
+    step starts after it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def stop(self, signum=None, frame=None) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.live:
+                if proc.poll() is None:
+                    proc.terminate()
+
+
+CHILDREN = _Children()
+
+
 def _call(command: list[str], log: Path, threads: int, what: str) -> None:
-    """Run ``command`` with its output appended to ``log``; StepFailed with the last error line if it fails."""
+    """Run ``command`` with its output appended to ``log``; StepFailed with the last error line if it fails.
+
+    The child runs in its own session, so a terminal's Ctrl-C reaches only this driver, which turns it into SIGTERM
+    for the children (``launcher.train`` then saves a checkpoint at the next step boundary instead of dying)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as fh:
         fh.write(f"\n$ {shlex.join(command)}\n")
         fh.flush()
-        proc = subprocess.run(command, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=_env(threads))
+        with CHILDREN.lock:
+            if CHILDREN.stopping:
+                raise StepFailed(f"{what} not started: stop requested")
+            proc = subprocess.Popen(
+                command, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=_env(threads), start_new_session=True
+            )
+            CHILDREN.live.add(proc)
+        try:
+            proc.wait()
+        finally:
+            with CHILDREN.lock:
+                CHILDREN.live.discard(proc)
     if proc.returncode != 0:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
@@ -640,6 +675,8 @@ def _pool(jobs: int, tasks: list[tuple[str, Callable[[], None]]]) -> list[str]:
 
     def one(item: tuple[str, Callable[[], None]]) -> None:
         key, fn = item
+        if CHILDREN.stopping:
+            return  # not started; the closing "stopped:" line says so
         try:
             fn()
         except (StepFailed, OSError, ValueError, KeyError) as exc:
@@ -677,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({', '.join(dict.fromkeys(r.system.name for r in plan.runs))} x seeds "
         f"{', '.join(map(str, plan.preset.seeds))}), {plan.preset.jobs} at a time, output {plan.output}"
     )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, CHILDREN.stop)
     errors = _pool(plan.preset.jobs, [(r.key, lambda r=r: train(plan, r, seq_len, say)) for r in plan.runs])
     if not errors and not args.train_only:
         # generative perplexity needs the AR run of the seed: evaluation starts once every run is trained
@@ -684,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         for line in errors:
             print(f"error: {line}", file=sys.stderr)
+        if CHILDREN.stopping:
+            print("stopped: every finished step is kept; rerun the same command to continue", file=sys.stderr)
         return 1
     if args.train_only:
         return 0
