@@ -16,6 +16,10 @@ setting redoes only what it affects. Runs go side by side (``--jobs``, each with
 The results land in ``DIR/results.json``, ``DIR/table.md`` (mean +- standard deviation over seeds, and whether the
 paper's perplexity ordering appears) and ``DIR/table.png``.
 
+On a cluster (the ``paper`` preset) train one system per job, e.g. a Slurm array task per system with
+``--systems NAME --train-only --train-prefix "srun python"``, then run the full command once after the array
+(``--dependency=afterok``, same prefix): the trained runs are skipped and it evaluates and writes the table.
+
 The system list is data (:data:`SYSTEMS`): a new model family is one more entry. Metrics a system's mode has no
 tool for (samples of ``ar`` and ``mdlm``: the sampler and ``tools/eval_ppl.py --gen-ppl-model`` draw from bd3
 checkpoints) are reported as n/a, never estimated another way. Bad input ends with one ``error:`` line and exit code
@@ -122,7 +126,9 @@ PRESETS: dict[str, Preset] = {
         var_length=512,
         jobs=2,
         threads=1,
-        note="about 40 min for 5 systems x 2 seeds on 2 cores",
+        # not yet timed end to end: from the tiny_cpu demo (600 BD3 steps of this model in 4 min 47 s on a quiet
+        # 2-core box) about 40 min for the 10 runs two at a time, AR and MDLM (no clean copy) taking half a BD3 run
+        note="estimated 40 min on a quiet 2-core CPU (not yet measured end to end)",
     ),
     # The paper's OWT setting (12x768, L=1024, global batch 512, 1M steps from scratch at each L'); one seed; launch
     # each training through torchrun/srun with --train-prefix, or one system per Slurm array task with --systems.
@@ -710,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text, flush=True)
 
     say(
-        f"bd3-reproduce: preset {args.preset}, {len(plan.runs)} runs "
+        f"bd3-reproduce: preset {args.preset} ({plan.preset.note}), {len(plan.runs)} runs "
         f"({', '.join(dict.fromkeys(r.system.name for r in plan.runs))} x seeds "
         f"{', '.join(map(str, plan.preset.seeds))}), {plan.preset.jobs} at a time, output {plan.output}"
     )
