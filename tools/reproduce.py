@@ -126,9 +126,11 @@ PRESETS: dict[str, Preset] = {
         var_length=512,
         jobs=2,
         threads=1,
-        # not yet timed end to end: from the tiny_cpu demo (600 BD3 steps of this model in 4 min 47 s on a quiet
-        # 2-core box) about 40 min for the 10 runs two at a time, AR and MDLM (no clean copy) taking half a BD3 run
-        note="estimated 40 min on a quiet 2-core CPU (not yet measured end to end)",
+        # Measured 2026-11-30 (commit cd1d276) on the shared 2-core box at load ~12, AR + BD3 L'=4 side by side with
+        # train.max_steps=100: training 3 min each (start-up and two evaluations included), the K=4 evaluation of
+        # all 600 test rows 2.3 min (AR) / 3.5 min (BD3, with 8 gen-PPL samples), 16 samples of 512 tokens 1.7 min.
+        # The full preset (10 runs x 800 steps) is estimated at 1-1.5 h on a quiet box, more on a shared one.
+        note="10 runs x 800 steps: estimated 1-1.5 h on 2 quiet cores, not yet run end to end",
     ),
     # The paper's OWT setting (12x768, L=1024, global batch 512, 1M steps from scratch at each L'); one seed; launch
     # each training through torchrun/srun with --train-prefix, or one system per Slurm array task with --systems.
