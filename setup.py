@@ -24,6 +24,7 @@ setup(
             "bd3-sample=tools.sample:main",
             "bd3-eval=tools.eval_ppl:main",
             "bd3-variance-report=tools.variance_report:main",
+            "bd3-reproduce=tools.reproduce:main",
         ]
     },
     extras_require={
