@@ -51,6 +51,9 @@ class ModelConfig:
     # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one
     # t per sequence) and ar (causal next-token prediction; the diffusion settings are unused)
     mode: str = "bd3"
+    # layer architecture: megatron (pre-LN GPT layer, no linear biases) | bd3lms (the reference's DiT block: adaLN
+    # modulation, weight-only LayerNorms, MLP and head biases; what checkpoint.init_from of a bd3lms model needs)
+    arch: str = "megatron"
 
 
 @dataclass
@@ -374,6 +377,7 @@ def validate(cfg: Config) -> None:
         f"model.attention_backend must be auto|sdpa|flex, got {m.attention_backend!r}",
     )
     _require(m.mode in ("bd3", "mdlm", "ar"), f"model.mode must be bd3|mdlm|ar, got {m.mode!r}")
+    _require(m.arch in ("megatron", "bd3lms"), f"model.arch must be megatron|bd3lms, got {m.arch!r}")
     _require(
         m.mode != "mdlm" or m.block_size == m.seq_len,
         f"model.mode=mdlm needs model.block_size = model.seq_len ({m.seq_len}), got {m.block_size}",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
+from bd3_megatron.checkpoint import foreign
 from bd3_megatron.checkpoint import sharded as ckpt
 from bd3_megatron.config import Config, validate_layout
 from bd3_megatron.diffusion.schedule import ClipWindow
@@ -558,6 +559,17 @@ class Trainer:
         EMA weights) or its raw weights. Both the model and this run's EMA start from them, so the step-0 evaluation
         scores exactly those weights. Raises CheckpointError for another architecture or tokenizer, or when ema is
         asked of a run that kept no EMA."""
+        if foreign.is_foreign(spec):  # a sampler / bd3lms HF folder or a bd3lms Lightning .ckpt (checkpoint/foreign.py)
+            ck = foreign.read_foreign(spec, self.cfg.checkpoint.init_from_weights)
+            tok = self.tokenizer
+            weights = foreign.weights_for_rank(
+                ck, self.cfg.model, tok.vocab_size, tok.mask_token_id, tok.name, self.named, self.canonical, spec
+            )
+            self.load_weights(weights, source=spec)
+            if self.ema is not None:
+                self.ema = EMA(self.named, self.cfg.optim.ema)
+            self.logger.info(f"initialised weights from {spec} ({ck.source}); training starts at step 0")
+            return
         path = ckpt.resolve_checkpoint(spec, None)
         if path is None:
             raise ckpt.CheckpointError(f"checkpoint.init_from={spec!r} names no checkpoint")
