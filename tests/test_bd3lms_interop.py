@@ -185,9 +185,10 @@ def test_export_loads_in_the_reference_code(golden, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- Lightning .ckpt
 def lightning_checkpoint(path: Path, extra: dict | None = None) -> Path:
-    """A reference-shaped Lightning checkpoint of the fixture model grown to the BERT vocabulary: state_dict (Diffusion.backbone.* in DiT
-    registration order + the clip-window buffers), raw weights perturbed so that EMA and raw differ, the EMA as
-    models/ema.py saves it (a list in parameter order), and run config / loop state as plain containers."""
+    """A reference-shaped Lightning checkpoint of the fixture model grown to the BERT vocabulary: state_dict
+    (Diffusion.backbone.* in DiT registration order + the clip-window buffers) with raw weights perturbed so that
+    EMA and raw differ, the EMA as models/ema.py saves it (a list in parameter order), and run config / loop state
+    as plain containers."""
     sd = _read_weights(bert_sized_reference_folder(path.parent / f"{path.stem}_hf"))
     order = [k for k in sd if k != "backbone.rotary_emb.inv_freq" and not k.startswith("sampling")]
     state = collections.OrderedDict((k, sd[k] + 0.5) for k in order)  # raw weights: not the EMA
