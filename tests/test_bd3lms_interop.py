@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -277,19 +276,75 @@ def test_damaged_or_foreign_ckpt_is_refused(tmp_path):
         load_lightning(path)
 
 
-# ---------------------------------------------------------------------------------------------- tools
-def test_sample_and_eval_ppl_run_on_the_imported_model(tmp_path, capsys):
+# ---------------------------------------------------------------------------------------------- init_from
+@pytest.fixture(scope="module")
+def bert_sized(tmp_path_factory) -> Path:
+    return bert_sized_reference_folder(tmp_path_factory.mktemp("bert_sized") / "hf")
+
+
+@pytest.mark.slow  # about 85 s on 2 cores: a 1-rank and a 4-rank trainer
+@pytest.mark.parametrize("layout", [(2, 2, 1, 0)], ids=["tp2pp2"])
+def test_init_from_the_reference_model_at_tp_pp_gives_the_single_process_step0(
+    layout, bert_sized, data_cache, tmp_path
+):
+    """checkpoint.init_from=<HF folder> at TP=2 / PP=2 / both: the loaded shards merge back to the imported weights
+    exactly, and the step-0 validation NELBO and first training loss equal the single-process run's."""
+    from tests.dist_harness import run_ranks
+    from tests.dist_workers import merge_full_weights
+    from tests.interop_workers import init_from_then_step
+
+    single = run_ranks(init_from_then_step, 1, (1, 1, 1, 0), data_cache, str(tmp_path / "one"), str(bert_sized))
+    world = layout[0] * layout[1] * layout[2]
+    multi = run_ranks(init_from_then_step, world, layout, data_cache, str(tmp_path / "many"), str(bert_sized))
+    imported = load_hf(bert_sized)
+    want = imported.state
+    for results in (single, multi):
+        got = merge_full_weights(results)
+        got["output_layer.bias"] = got["output_layer.bias"][: imported.config.vocab_size]  # TP vocabulary padding
+        assert set(got) == set(want)
+        for name, t in want.items():
+            assert torch.equal(got[name], t), name
+    one = single[0]
+    last = next(r for r in multi if r["last_stage"])
+    assert last["val"]["val_nelbo"] == pytest.approx(one["val"]["val_nelbo"], rel=1e-5)
+    assert last["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    # and that NELBO is the imported network's own (the reference-equivalent sampler net scoring the same batches)
+    from tests.dist_workers import make_config
+    from tests.test_convert import _val_nelbo_of_net
+
+    cfg = make_config((1, 1, 1, 0), data_cache, str(tmp_path / "cfg"), ["model.arch=bd3lms", "model.num_layers=2"])
+    with torch.no_grad():
+        want_nelbo = _val_nelbo_of_net(build_net(imported.config, imported.state), cfg, data_cache)
+    assert one["val"]["val_nelbo"] == pytest.approx(want_nelbo, rel=1e-5)
+
+
+@pytest.mark.slow  # three CLI processes, about 60 s
+def test_fine_tune_eval_ppl_and_sample_from_the_reference_model(bert_sized, data_cache, tmp_path, capsys):
+    """The README's path: launcher.train with checkpoint.init_from=<HF folder> and model.arch=bd3lms (its step-0
+    evaluation scores the imported weights), then tools/eval_ppl.py on the run's checkpoint, tools/sample.py on the
+    HF folder itself and on its native conversion."""
+    from tests.test_eval_ppl import eval_ppl
+    from tests.test_train_e2e import run, tiny_args
     from tools import sample
 
-    shutil.copytree(HF_DIR, tmp_path / "hf")
-    assert convert.main(["--input", str(tmp_path / "hf"), "--output", str(tmp_path / "native"), "--quiet"]) == 0
-    cfg = json.loads((tmp_path / "native/config.json").read_text())
-    assert cfg["model"]["arch"] == "bd3lms"
-    for ckpt in (tmp_path / "native", tmp_path / "hf"):
-        code = sample.main(
-            ["--checkpoint", str(ckpt), "--num-samples", "2", "--length", "16", "--block-size", "4", "--kv-cache",
-             "--seed", "3", "--tokens-only"]
-        )  # fmt: skip
-        assert code == 0
-    out = capsys.readouterr().out
-    assert out.count("\n") >= 2
+    model = ["model.hidden_size=32", "model.num_heads=4", "model.seq_len=16", "model.arch=bd3lms", "sample.length=16"]
+    args = tiny_args(tmp_path, data_cache, *model, "train.max_steps=1", "sample.after_train=false")
+    proc = run([*args, f"checkpoint.init_from={bert_sized}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"initialised weights from {bert_sized}" in proc.stdout
+    res = eval_ppl("--checkpoint", str(tmp_path / "ckpt"), "--max-rows", "8", "--output", str(tmp_path / "ppl.json"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    ppl = json.loads((tmp_path / "ppl.json").read_text())
+    assert ppl["ppl"] > 1.0 and ppl["nelbo"] < 50 and ppl["val_rows"] > 0  # a random model: finite, not tiny
+    assert convert.main(["--input", str(bert_sized), "--output", str(tmp_path / "native"), "--quiet"]) == 0
+    for folder in (bert_sized, tmp_path / "native"):
+        argv = ["--checkpoint", str(folder), "--num-samples", "2", "--length", "16", "--seed", "3", "--no-progress"]
+        assert sample.main([*argv, "--output", str(tmp_path / f"{folder.name}.jsonl")]) == 0
+    rows = [
+        [json.loads(r)["tokens"] for r in (tmp_path / f"{f}.jsonl").read_text().splitlines()] for f in ("hf", "native")
+    ]
+    assert rows[0] == rows[1] and len(rows[0]) == 2  # the same network either way
+    # a run whose architecture does not match is refused with the override that fixes it
+    bad_args = tiny_args(tmp_path / "bad", data_cache, *model, "model.arch=megatron", "sample.after_train=false")
+    bad = run([*bad_args, "train.max_steps=1", f"checkpoint.init_from={bert_sized}"])
+    assert bad.returncode == 2 and "needs model.arch=bd3lms" in bad.stderr.strip().splitlines()[-1]

@@ -151,7 +151,7 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     adaln("backbone.output_layer.adaLN_modulation", "decoder.final_layernorm.modulation", 2)
     out.update(
         {
-            "backbone.output_layer.norm_final.weight": b["decoder.final_layernorm.norm.weight"],
+            "backbone.output_layer.norm_final.weight": b["decoder.final_layernorm.weight"],
             "backbone.output_layer.linear.weight": b["output_layer.weight"],
             "backbone.output_layer.linear.bias": b["output_layer.bias"],
             "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
@@ -209,7 +209,7 @@ def _as_bd3lms(cfg: NetConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Te
         )
     out.update(
         {
-            "decoder.final_layernorm.norm.weight": s["decoder.final_layernorm.weight"],
+            "decoder.final_layernorm.weight": s["decoder.final_layernorm.weight"],
             "decoder.final_layernorm.modulation.bias": torch.cat([s["decoder.final_layernorm.bias"].float(), zeros]),
             "output_layer.weight": s["output_layer.weight"],
             "output_layer.bias": torch.zeros(cfg.vocab_size),
@@ -366,7 +366,7 @@ def _bd3lms_form(s: dict[str, torch.Tensor], n: int, h: int, adaln: bool, time_c
     modulation("backbone.output_layer.adaLN_modulation", "decoder.final_layernorm.modulation", 2)
     out.update(
         {
-            "decoder.final_layernorm.norm.weight": s["backbone.output_layer.norm_final.weight"],
+            "decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
             "output_layer.weight": s["backbone.output_layer.linear.weight"],
             "output_layer.bias": s["backbone.output_layer.linear.bias"],
         }
@@ -406,7 +406,7 @@ def _megatron_form(b: dict[str, torch.Tensor], n: int, h: int) -> dict[str, torc
         return None
     out.update(
         {
-            "decoder.final_layernorm.weight": b["decoder.final_layernorm.norm.weight"],
+            "decoder.final_layernorm.weight": b["decoder.final_layernorm.weight"],
             "decoder.final_layernorm.bias": shift.clone(),
             "output_layer.weight": b["output_layer.weight"],
         }

@@ -158,18 +158,17 @@ class NoisyHalfAdaLNLayer(AdaLNTransformerLayer):
         return hidden_states[: hidden_states.shape[0] // 2]
 
 
-class AdaLNFinalNorm(MegatronModule):
+class AdaLNFinalNorm(RefLayerNorm):
     """The reference final layer's norm: ``modulate(RefLayerNorm(x), shift, scale)`` with a constant modulation
-    (``modulation.bias`` [2h]). x [S, b, h] -> [S, b, h]; the head (with its bias) follows in the model."""
+    (``weight`` [h], ``modulation.bias`` [2h]). x [S, b, h] -> [S, b, h]; the head (with its bias) follows."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5):
-        super().__init__(config=config)
-        self.norm = RefLayerNorm(config, hidden_size, eps)
+        super().__init__(config, hidden_size, eps)
         self.modulation = ConstantModulation(config, FINAL_CHUNKS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(None).chunk(FINAL_CHUNKS, dim=-1)
-        return modulate(self.norm(x), shift, scale)
+        return modulate(super().forward(x), shift, scale)
 
 
 def adaln_layer_spec(noisy_queries_only: bool = False, cond_dim: int = 0) -> ModuleSpec:

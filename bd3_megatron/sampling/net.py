@@ -140,7 +140,7 @@ def _bd3lms_shapes(cfg: NetConfig, out: dict[str, tuple[int, ...]]) -> dict[str,
             out[p + "modulation.weight"] = (6 * h, c)
     out.update(
         {
-            "decoder.final_layernorm.norm.weight": (h,),
+            "decoder.final_layernorm.weight": (h,),
             "decoder.final_layernorm.modulation.bias": (2 * h,),
             "output_layer.weight": (v, h),
             "output_layer.bias": (v,),
@@ -259,15 +259,14 @@ class _AdaLNLayer(nn.Module):
         return x + gate * self.mlp.linear_fc2(F.gelu(self.mlp.linear_fc1(h), approximate="tanh"))
 
 
-class _AdaLNFinalNorm(nn.Module):
+class _AdaLNFinalNorm(_RefLayerNorm):
     def __init__(self, cfg: NetConfig):
-        super().__init__()
-        self.norm = _RefLayerNorm(cfg)
+        super().__init__(cfg)
         self.modulation = _Modulation(cfg, 2)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=-1)
-        return _modulate(self.norm(x), shift, scale)
+        return _modulate(super().forward(x), shift, scale)
 
 
 class _FinalNorm(nn.LayerNorm):
