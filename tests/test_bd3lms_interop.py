@@ -293,6 +293,30 @@ def test_damaged_or_foreign_ckpt_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- init_from
+@pytest.mark.parametrize(
+    "model,vocab,tc,message",
+    [
+        (dict(arch="megatron"), (96, 95), False, "needs model.arch=bd3lms"),
+        (dict(num_layers=4), (96, 95), False, "needs model.num_layers=2"),
+        (dict(), (30522, 103), False, r"vocabulary 96 \(mask id 95\)"),
+        (dict(), (96, 95), True, "time-conditioned"),
+    ],
+)
+def test_init_from_refuses_a_run_that_cannot_hold_the_model(model, vocab, tc, message):
+    from types import SimpleNamespace
+
+    from bd3_megatron.checkpoint.foreign import weights_for_rank
+    from bd3_megatron.checkpoint.sharded import CheckpointError
+
+    config, state = _read_json(HF_DIR / "config.json"), _read_weights(HF_DIR)
+    ck = from_hf(dict(config, time_conditioning=tc), state)
+    run = SimpleNamespace(
+        **dict(dict(arch="bd3lms", num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None), **model)
+    )
+    with pytest.raises(CheckpointError, match=message):
+        weights_for_rank(ck, run, *vocab, None, {}, {}, "HF")
+
+
 @pytest.fixture(scope="module")
 def bert_sized(tmp_path_factory) -> Path:
     return bert_sized_reference_folder(tmp_path_factory.mktemp("bert_sized") / "hf")
