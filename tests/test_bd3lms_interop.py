@@ -376,6 +376,9 @@ def test_fine_tune_eval_ppl_and_sample_from_the_reference_model(bert_sized, data
     assert res.returncode == 0, res.stderr[-2000:]
     ppl = json.loads((tmp_path / "ppl.json").read_text())
     assert ppl["ppl"] > 1.0 and ppl["nelbo"] < 50 and ppl["val_rows"] > 0  # a random model: finite, not tiny
+    assert convert.main(["--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "tuned"), "--quiet"]) == 0
+    tuned = load_checkpoint(tmp_path / "tuned")  # the fine-tuned run exports in the same architecture
+    assert tuned.config.arch == "bd3lms" and tuned.state["output_layer.bias"].shape == (30522,)
     assert convert.main(["--input", str(bert_sized), "--output", str(tmp_path / "native"), "--quiet"]) == 0
     for folder in (bert_sized, tmp_path / "native"):
         argv = ["--checkpoint", str(folder), "--num-samples", "2", "--length", "16", "--seed", "3", "--no-progress"]
