@@ -12,7 +12,7 @@ FIXTURE_HF = Path(__file__).parent / "fixtures" / "bd3lms" / "tiny_bd3lm"
 BERT_VOCAB, BERT_MASK = 30522, 103
 
 
-def bd3lms_megatron_model(ck: SamplerCheckpoint, attention_backend: str = "sdpa"):
+def bd3lms_megatron_model(ck: SamplerCheckpoint, attention_backend: str = "sdpa", dropout: float = 0.0):
     """A single-process megatron-core BD3Model with model.arch=bd3lms holding ``ck``'s weights (vocabulary padding
     rows zero), in eval mode."""
     from bd3_megatron.checkpoint.sharded import shard_for_rank
@@ -30,7 +30,7 @@ def bd3lms_megatron_model(ck: SamplerCheckpoint, attention_backend: str = "sdpa"
         hidden_size=c.hidden_size,
         num_heads=c.num_heads,
         ffn_hidden_size=c.ffn_hidden_size,
-        dropout=0.0,
+        dropout=dropout,
         tp=1,
         pp=1,
         add_bias_linear=True,

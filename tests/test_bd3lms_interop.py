@@ -98,6 +98,30 @@ def test_megatron_bd3lms_layer_gives_the_reference_logits_and_loss(mcore, golden
     assert fused["output_layer.bias"].abs().sum() > 0 and fused["decoder.layers.0.modulation.bias"].abs().sum() > 0
 
 
+def test_recomputed_bd3lms_layers_give_the_same_loss_and_gradients(mcore, golden):
+    """model.recompute with the modulated layers and dropout on: the replayed dropout draws give the same loss and
+    gradients as the stored activations."""
+    from tests.interop_helpers import bd3lms_megatron_model
+
+    model = bd3lms_megatron_model(load_hf(HF_DIR), dropout=0.2).train()
+    xt, x0 = golden["xt"], golden["x0"]
+    masked = xt == MASK
+    runs = []
+    for recompute in (False, True):
+        for layer in model.decoder.layers:
+            layer.recompute = recompute
+        torch.manual_seed(11)
+        out = model(xt, x0, masked, masked.float())
+        out.nelbo_sum.backward()
+        runs.append((out.nelbo_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    torch.manual_seed(12)
+    assert model(xt, x0, masked, masked.float()).nelbo_sum.item() != runs[0][0].item()  # dropout is live
+    for n in runs[0][1]:
+        torch.testing.assert_close(runs[0][1][n], runs[1][1][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_time_conditioned_megatron_layer_takes_c_as_context(mcore):
     """TimeModulation: the layer's modulation is W·c + b for the c handed in as ``context`` [b, cond]."""
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
