@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bd3_megatron.checkpoint.hf import from_hf, load_hf, save_hf
+from bd3_megatron.checkpoint.hf import from_hf, load_hf, save_hf, to_hf
 from bd3_megatron.checkpoint.lightning import UnsafeCheckpoint, load_ckpt, load_lightning
 from bd3_megatron.checkpoint.sampler import _read_json, _read_weights, load_checkpoint
 from bd3_megatron.sampling.net import build_net
@@ -206,6 +206,20 @@ def test_time_conditioned_round_trip_is_identical(tmp_path):
     assert set(back) == set(state)
     assert all(torch.equal(back[k], state[k].float()) for k in state)
     assert _read_json(tmp_path / "hf/config.json")["time_conditioning"] is True
+
+
+def test_export_of_the_modulated_model_computes_the_reference_forward(golden):
+    """Our HF export of the imported model, run by the spec-written reference forward of tests/test_convert.py
+    (always available, unlike the reference's code): the golden logits."""
+    from tests.test_convert import hf_reference_logits
+
+    config, sd = to_hf(load_hf(HF_DIR))
+    assert sd["backbone.blocks.0.adaLN_modulation.bias"].abs().min() > 0 and sd["backbone.blocks.0.mlp.0.bias"].any()
+    with torch.no_grad():
+        logits = hf_reference_logits(config, sd, golden["xt"], golden["x0"])  # SUBS: -inf at its MASK_ID (60)
+    keep = torch.ones(96, dtype=torch.bool)
+    keep[[60, MASK]] = False
+    torch.testing.assert_close(logits[..., keep], golden["logits"][..., keep], rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not os.environ.get("BD3LMS_REFERENCE"), reason="set BD3LMS_REFERENCE=<folder with models/hf>")
