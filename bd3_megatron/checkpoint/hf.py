@@ -1,9 +1,14 @@
 """The reference's ``BD3LM`` Hugging Face layout (bd3lms ``models/hf``; spec §8), read and written.
 
-Weights move both ways between this project and users of the published bd3lms checkpoints. The reference block is
-adaLN-modulated with sigma ≡ 0, i.e. a constant modulation; our LayerNorm(w, b) maps exactly to norm weight w, adaLN
-bias (shift b, scale 0, gate 1) and a zero adaLN weight; MLP and head biases are zero. Importing refuses every tensor
-that has no exact counterpart here (non-zero adaLN weights or MLP biases, time conditioning, ...).
+Weights move both ways between this project and users of the published bd3lms checkpoints. Import
+(:func:`from_hf`) maps every reference tensor to the reference-compatible layer (``model.arch=bd3lms``,
+``bd3_megatron.model.adaln``): norms, attention, MLP and head weights and biases one to one; without time
+conditioning (the reference zeroes sigma) each adaLN modulation W·silu(sigma_map(0)) + b is one constant vector,
+computed once here and kept as the layer's ``modulation.bias``; with time conditioning the time embedding and adaLN
+weights are kept as they are. A model whose modulation is the identity (scale 0, gate 1) with zero MLP/head biases
+imports as the plain megatron layer (LayerNorm(w, b) = norm weight w, shift b). Missing or extra tensors, another
+rotary table, causal or cross_attn=false models and non-finite values are refused by name. Export (:func:`to_hf`)
+writes either architecture exactly (only concatenations and zeros, no arithmetic on a weight).
 
 Safetensors and JSON only; nothing here executes code from a file.
 """
@@ -26,7 +31,7 @@ from bd3_megatron.checkpoint.sampler import (
 )
 from bd3_megatron.sampling.net import NetConfig
 
-HF_COND_DIM = 128  # cond_dim of the published bd3lms models; irrelevant here since the adaLN weights are zero
+HF_COND_DIM = 128  # cond_dim of the published bd3lms models; exports without time conditioning write zero adaLN weights
 HF_TIMESTEP_DIM = 256  # the reference TimestepEmbedder's sinusoid width
 # The reference's vocabulary conventions (spec §3): vocab size -> (tokenizer, mask id)
 HF_KNOWN_VOCABS = {50258: ("gpt2", 50257), 30522: ("bert-base-uncased", 103)}
@@ -240,8 +245,9 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str = "the HF folder") -> SamplerCheckpoint:
-    """Native weights from the reference layout, or ValueError naming the first tensor/field with no exact
-    counterpart in this model."""
+    """Native weights (a SamplerCheckpoint: arch megatron when exactly representable, else bd3lms) from the
+    reference layout ``config`` (config.json) + ``state`` (backbone.* tensors, optional clip-window buffers), or
+    ValueError naming the first tensor/field with no exact counterpart."""
     for key in ("vocab_size", "model_length", "block_size", "hidden_dim", "n_blocks", "n_heads"):
         _require(key in config, f"{where}: config.json lacks '{key}'")
     _require(config.get("cross_attn", True), f"{where}: cross_attn=false is an MDLM model, not BD3-LM")
