@@ -454,3 +454,36 @@ def test_fine_tune_eval_ppl_and_sample_from_the_reference_model(bert_sized, data
     bad_args = tiny_args(tmp_path / "bad", data_cache, *model, "model.arch=megatron", "sample.after_train=false")
     bad = run([*bad_args, "train.max_steps=1", f"checkpoint.init_from={bert_sized}"])
     assert bad.returncode == 2 and "needs model.arch=bd3lms" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # two 1-rank trainers, about 25 s
+def test_init_from_the_conversion_or_a_lightning_ckpt_equals_init_from_the_hf_folder(bert_sized, data_cache, tmp_path):
+    """The same model reached three ways — the HF folder, its native conversion, the reference's Lightning .ckpt
+    (EMA weights) — starts a run from identical weights, hence the same step-0 NELBO and losses."""
+    from tests.dist_harness import run_ranks
+    from tests.interop_workers import init_from_then_step
+
+    assert convert.main(["--input", str(bert_sized), "--output", str(tmp_path / "native"), "--quiet"]) == 0
+    ckpt = tmp_path / "run.ckpt"
+    sd = _read_weights(bert_sized)
+    order = [k for k in sd if k != "backbone.rotary_emb.inv_freq" and not k.startswith("sampling")]
+    state = collections.OrderedDict((k, sd[k] * 0.5) for k in order)  # raw weights differ from the EMA
+    state["backbone.rotary_emb.inv_freq"] = sd["backbone.rotary_emb.inv_freq"]
+    torch.save(
+        {
+            "state_dict": state,
+            "ema": {"shadow_params": [sd[k] for k in order]},
+            "hyper_parameters": reference_hyper_parameters(),
+        },
+        ckpt,
+    )
+    want = load_hf(bert_sized).state
+    results = []
+    for i, source in enumerate((tmp_path / "native", ckpt)):
+        r = run_ranks(init_from_then_step, 1, (1, 1, 1, 0), data_cache, str(tmp_path / f"run{i}"), str(source))[0]
+        for name, t in want.items():
+            v = t.shape[0] if name.startswith(("embedding.", "output_layer.")) else None  # vocabulary padding
+            assert torch.equal(r["params"][name][:v], t), (source, name)
+        results.append(r)
+    assert results[0]["val"]["val_nelbo"] == results[1]["val"]["val_nelbo"]
+    assert results[0]["losses"] == results[1]["losses"]

@@ -332,14 +332,16 @@ def _bd3lms_form(s: dict[str, torch.Tensor], n: int, h: int, adaln: bool, time_c
     """Reference tensors -> arch bd3lms canonical names (QKV rows still in the reference order).
 
     Without time conditioning the reference zeroes sigma, so c₀ = silu(sigma_map(0)) is one vector and each adaLN
-    modulation ``W·c₀ + b`` a constant, computed here in fp32 with the reference's own operations. Without adaLN
+    modulation ``W·c₀ + b`` a constant, computed here with the reference's operations in float64 and rounded once
+    (deterministic bits; within an fp32 rounding of what the reference computes each forward). Without adaLN
     (``adaln=false``) the block is unmodulated: shift 0, scale 0, gate 1, which the modulated form computes exactly."""
     out = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}
     c0 = None
-    if adaln and not time_cond:
-        t_freq = torch.cat([torch.ones(1, HF_TIMESTEP_DIM // 2), torch.zeros(1, HF_TIMESTEP_DIM // 2)], dim=-1)
-        hidden = F.silu(F.linear(t_freq, s["backbone.sigma_map.mlp.0.weight"], s["backbone.sigma_map.mlp.0.bias"]))
-        c0 = F.silu(F.linear(hidden, s["backbone.sigma_map.mlp.2.weight"], s["backbone.sigma_map.mlp.2.bias"]))
+    if adaln and not time_cond:  # in float64, rounded once to fp32: the same bits whatever the BLAS kernel path
+        d = {k: v.double() for k, v in s.items() if "sigma_map" in k}
+        t_freq = torch.cat([torch.ones(1, HF_TIMESTEP_DIM // 2), torch.zeros(1, HF_TIMESTEP_DIM // 2)], dim=-1).double()
+        hidden = F.silu(F.linear(t_freq, d["backbone.sigma_map.mlp.0.weight"], d["backbone.sigma_map.mlp.0.bias"]))
+        c0 = F.silu(F.linear(hidden, d["backbone.sigma_map.mlp.2.weight"], d["backbone.sigma_map.mlp.2.bias"]))
     if time_cond:
         for j in (0, 2):
             for kind in ("weight", "bias"):
@@ -352,7 +354,7 @@ def _bd3lms_form(s: dict[str, torch.Tensor], n: int, h: int, adaln: bool, time_c
         elif time_cond:
             out[dest + ".weight"], out[dest + ".bias"] = s[name + ".weight"], s[name + ".bias"]
         else:
-            out[dest + ".bias"] = F.linear(c0, s[name + ".weight"], s[name + ".bias"])[0]
+            out[dest + ".bias"] = F.linear(c0, s[name + ".weight"].double(), s[name + ".bias"].double())[0].float()
 
     for i in range(n):
         q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
