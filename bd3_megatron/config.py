@@ -50,6 +50,9 @@ class ModelConfig:
     # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one
     # t per sequence) and ar (causal next-token prediction; the diffusion settings are unused)
     mode: str = "bd3"
+    # layer architecture: megatron (pre-LN GPT layer, no linear biases) | bd3lms (the reference's DiT block: adaLN
+    # modulation, weight-only LayerNorms, MLP and head biases; what checkpoint.init_from of a bd3lms model needs)
+    arch: str = "megatron"
 
 
 @dataclass
@@ -374,6 +377,7 @@ def validate(cfg: Config) -> None:
     _require(m.mode in MODES, f"model.mode must be {'|'.join(MODES)}, got {m.mode!r}")
     problem = MODES[m.mode].validate(cfg)
     _require(problem is None, problem or "")
+    _require(m.arch in ("megatron", "bd3lms"), f"model.arch must be megatron|bd3lms, got {m.arch!r}")
     _require(d.schedule == "loglinear", f"diffusion.schedule must be 'loglinear', got {d.schedule!r}")
     _require(
         0.0 < d.eps_min <= d.eps_max <= 1.0,

@@ -89,6 +89,7 @@ def test_presets_fill_sizes_but_explicit_keys_win():
             "must be a multiple of train.eval_interval",
         ),
         ({}, ["checkpoint.init_from_weights=last"], "checkpoint.init_from_weights must be ema|raw"),
+        ({}, ["model.arch=dit"], "model.arch must be megatron|bd3lms"),
         ({}, ["log.variance_warn_factor=-1"], "log.variance_warn_factor must be >= 0"),
         ({"train": {"eval_batches": 4}}, [], "'train.eval_batches' was replaced by train.eval_rows"),
         ({}, ["diffusion.clip_search_batches=4"], "replaced by diffusion.clip_search_rows"),

@@ -69,3 +69,31 @@ def test_values_only_without_weights_and_shape_errors():
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(hidden, weight, torch.tensor([0, 1]), never)
     assert chunk_tokens_for(32768) == 256 and chunk_tokens_for(50304, 100) == 100
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 0])
+def test_fused_head_with_a_bias_equals_the_plain_biased_head(chunk):
+    """model.arch=bd3lms: the reference head has a bias; value and gradients (bias included) as the plain route."""
+    gen = torch.Generator().manual_seed(2)
+    n, h, v = 7, 16, 37
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = (0.3 * torch.randn(v, h, generator=gen)).requires_grad_()
+    bias = torch.randn(v, generator=gen).requires_grad_()
+    never = torch.zeros(v, dtype=torch.bool)
+    never[[5, 33, 34, 35, 36]] = True
+    labels = torch.tensor([0, 1, 2, 3, 4, 6, 32])
+    loss_weight = torch.rand(n, generator=gen) * 10
+    ce, total = linear_cross_entropy(
+        hidden, weight, labels, never, bias=bias, loss_weight=loss_weight, chunk_tokens=chunk
+    )
+    total.backward()
+    grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    logits = F.linear(hidden, weight, bias).float().masked_fill(never, float("-inf"))
+    ref_ce = F.cross_entropy(logits, labels, reduction="none")
+    (ref_ce * loss_weight).sum().backward()
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-6, atol=1e-6)
+    for got, t in zip(grads, (hidden, weight, bias), strict=True):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(grads[2][never] == 0) and grads[2].abs().sum() > 0

@@ -5,7 +5,8 @@ Turns a training checkpoint of any TP/PP/ZeRO layout into the single-device samp
 native and the reference (bd3lms Hugging Face ``BD3LM``) layouts in either direction. ``--input`` may be
 
 * a training checkpoint root (holding ``latest``) or one of its ``step_XXXXXXXX`` directories,
-* a sampler folder written by this tool (native), or an HF bd3lm folder (import).
+* a sampler folder written by this tool (native), or an HF bd3lm folder (import),
+* a bd3lms Lightning training checkpoint (``*.ckpt``; EMA weights unless --raw), read without executing pickled code.
 
 Tensor-parallel shards are concatenated along their partition dimension in rank order; pipeline stages each
 contribute their own (globally numbered) layers; ZeRO does not touch the model files. Vocabulary padding rows are
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--input",
         required=True,
         type=Path,
-        help="training checkpoint (root or step dir), or a native/HF sampler folder",
+        help="training checkpoint (root or step dir), a native/HF sampler folder, or a bd3lms Lightning .ckpt",
     )
     p.add_argument("--step", type=int, default=None, help="step to export (default: the one 'latest' names)")
     g = p.add_mutually_exclusive_group()

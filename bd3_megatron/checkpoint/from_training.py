@@ -18,7 +18,7 @@ from bd3_megatron.checkpoint.sampler import SamplerCheckpoint, check_state, dete
 from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import NetConfig
 
-_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 def resolve_step_dir(path: Path, step: int | None) -> Path:
@@ -65,6 +65,7 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
             block_size=m["block_size"],
             mode=mode,
             dropout=m.get("dropout"),
+            arch=m.get("arch", "megatron"),
         )
     except KeyError as exc:
         raise ValueError(f"checkpoint metadata lacks {exc}; it was not written by this trainer") from None
@@ -120,10 +121,18 @@ def gather_training_checkpoint(
 def read_input(
     path: Path, step: int | None = None, weights: str | None = None, log: Callable[[str], None] = print
 ) -> SamplerCheckpoint:
-    """A training checkpoint (root or step dir) or a native/HF sampler folder, as a SamplerCheckpoint."""
+    """A training checkpoint (root or step dir), a native/HF sampler folder or a bd3lms Lightning ``.ckpt``, as a
+    SamplerCheckpoint."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist")
+    if path.is_file() and path.suffix == ".ckpt":  # the reference's own Lightning training checkpoint
+        from bd3_megatron.checkpoint.lightning import load_lightning
+
+        if step is not None:
+            raise ValueError("--step applies to this project's training checkpoints; a .ckpt holds one step")
+        log(f"input: bd3lms Lightning checkpoint {path} (read without executing pickled code)")
+        return load_lightning(path, weights)
     if (path / "config.json").is_file() and not (path / "metadata.json").exists():
         if step is not None or weights is not None:
             raise ValueError("--step/--ema/--raw apply to training checkpoints only; this input is a sampler folder")

@@ -1,9 +1,14 @@
 """The reference's ``BD3LM`` Hugging Face layout (bd3lms ``models/hf``; spec §8), read and written.
 
-Weights move both ways between this project and users of the published bd3lms checkpoints. The reference block is
-adaLN-modulated with sigma ≡ 0, i.e. a constant modulation; our LayerNorm(w, b) maps exactly to norm weight w, adaLN
-bias (shift b, scale 0, gate 1) and a zero adaLN weight; MLP and head biases are zero. Importing refuses every tensor
-that has no exact counterpart here (non-zero adaLN weights or MLP biases, time conditioning, ...).
+Weights move both ways between this project and users of the published bd3lms checkpoints. Import
+(:func:`from_hf`) maps every reference tensor to the reference-compatible layer (``model.arch=bd3lms``,
+``bd3_megatron.model.adaln``): norms, attention, MLP and head weights and biases one to one; without time
+conditioning (the reference zeroes sigma) each adaLN modulation W·silu(sigma_map(0)) + b is one constant vector,
+computed once here and kept as the layer's ``modulation.bias``; with time conditioning the time embedding and adaLN
+weights are kept as they are. A model whose modulation is the identity (scale 0, gate 1) with zero MLP/head biases
+imports as the plain megatron layer (LayerNorm(w, b) = norm weight w, shift b). Missing or extra tensors, another
+rotary table, causal or cross_attn=false models and non-finite values are refused by name. Export (:func:`to_hf`)
+writes either architecture exactly (only concatenations and zeros, no arithmetic on a weight).
 
 Safetensors and JSON only; nothing here executes code from a file.
 """
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bd3_megatron.checkpoint.sampler import (
     CONFIG_FILE,
@@ -27,7 +33,7 @@ from bd3_megatron.model.rope import rope_inv_freq
 from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import NetConfig
 
-HF_COND_DIM = 128  # cond_dim of the published bd3lms models; irrelevant here since the adaLN weights are zero
+HF_COND_DIM = 128  # cond_dim of the published bd3lms models; exports without time conditioning write zero adaLN weights
 HF_TIMESTEP_DIM = 256  # the reference TimestepEmbedder's sinusoid width
 # The reference's vocabulary conventions (spec §3): vocab size -> (tokenizer, mask id)
 HF_KNOWN_VOCABS = {50258: ("gpt2", 50257), 30522: ("bert-base-uncased", 103)}
@@ -114,43 +120,43 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
             "the reference BD3LM fixes rope base 10000 and LayerNorm eps 1e-5; this model differs (use --format native)"
         )
     f32 = dict(dtype=torch.float32)
-    zeros, ones = torch.zeros(h, **f32), torch.ones(h, **f32)
+    b = _as_bd3lms(cfg, s)
+    tc = cfg.time_conditioning
+    cond = cfg.cond_dim if tc else HF_COND_DIM
     out: dict[str, torch.Tensor] = {
         "backbone.vocab_embed.embedding": s["embedding.word_embeddings.weight"],
-        # sigma ≡ 0 and zero adaLN weights make the time embedding irrelevant; zeros keep it inert
-        "backbone.sigma_map.mlp.0.weight": torch.zeros(cond, HF_TIMESTEP_DIM, **f32),
-        "backbone.sigma_map.mlp.0.bias": torch.zeros(cond, **f32),
-        "backbone.sigma_map.mlp.2.weight": torch.zeros(cond, cond, **f32),
-        "backbone.sigma_map.mlp.2.bias": torch.zeros(cond, **f32),
         "backbone.rotary_emb.inv_freq": rope_inv_freq(cfg.head_dim),
     }
+    for j, shape in ((0, (cond, HF_TIMESTEP_DIM)), (2, (cond, cond))):
+        # without time conditioning the modulation is W·c + b with W = 0: the time embedding is inert (zeros)
+        out[f"backbone.sigma_map.mlp.{j}.weight"] = b[f"time_embedding.mlp.{j}.weight"] if tc else torch.zeros(shape)
+        out[f"backbone.sigma_map.mlp.{j}.bias"] = b[f"time_embedding.mlp.{j}.bias"] if tc else torch.zeros(cond)
+
+    def adaln(dest: str, src: str, chunks: int) -> None:
+        out[dest + ".weight"] = b[src + ".weight"] if tc else torch.zeros(chunks * h, cond, **f32)
+        out[dest + ".bias"] = b[src + ".bias"]  # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
     for i in range(cfg.num_layers):
         p, q = f"decoder.layers.{i}.", f"backbone.blocks.{i}."
-        ln1_b, ln2_b = s[p + "input_layernorm.bias"], s[p + "pre_mlp_layernorm.bias"]
         out.update(
             {
-                q + "norm1.weight": s[p + "input_layernorm.weight"],
-                q + "attn_qkv.weight": _qkv_to_hf(s[p + "self_attention.linear_qkv.weight"], heads),
-                q + "attn_out.weight": s[p + "self_attention.linear_proj.weight"],
-                q + "norm2.weight": s[p + "pre_mlp_layernorm.weight"],
-                q + "mlp.0.weight": s[p + "mlp.linear_fc1.weight"],
-                q + "mlp.0.bias": torch.zeros(cfg.ffn_hidden_size, **f32),
-                q + "mlp.2.weight": s[p + "mlp.linear_fc2.weight"],
-                q + "mlp.2.bias": torch.zeros(h, **f32),
-                q + "adaLN_modulation.weight": torch.zeros(6 * h, cond, **f32),
-                # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-                q + "adaLN_modulation.bias": torch.cat([ln1_b.float(), zeros, ones, ln2_b.float(), zeros, ones]),
+                q + "norm1.weight": b[p + "input_layernorm.weight"],
+                q + "attn_qkv.weight": _qkv_to_hf(b[p + "self_attention.linear_qkv.weight"], heads),
+                q + "attn_out.weight": b[p + "self_attention.linear_proj.weight"],
+                q + "norm2.weight": b[p + "pre_mlp_layernorm.weight"],
+                q + "mlp.0.weight": b[p + "mlp.linear_fc1.weight"],
+                q + "mlp.0.bias": b[p + "mlp.linear_fc1.bias"],
+                q + "mlp.2.weight": b[p + "mlp.linear_fc2.weight"],
+                q + "mlp.2.bias": b[p + "mlp.linear_fc2.bias"],
             }
         )
+        adaln(q + "adaLN_modulation", p + "modulation", 6)
+    adaln("backbone.output_layer.adaLN_modulation", "decoder.final_layernorm.modulation", 2)
     out.update(
         {
-            "backbone.output_layer.norm_final.weight": s["decoder.final_layernorm.weight"],
-            "backbone.output_layer.linear.weight": s["output_layer.weight"],
-            "backbone.output_layer.linear.bias": torch.zeros(cfg.vocab_size, **f32),
-            "backbone.output_layer.adaLN_modulation.weight": torch.zeros(2 * h, cond, **f32),
-            "backbone.output_layer.adaLN_modulation.bias": torch.cat(
-                [s["decoder.final_layernorm.bias"].float(), zeros]
-            ),
+            "backbone.output_layer.norm_final.weight": b["decoder.final_layernorm.weight"],
+            "backbone.output_layer.linear.weight": b["output_layer.weight"],
+            "backbone.output_layer.linear.bias": b["output_layer.bias"],
             "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
             "sampling_eps_max": torch.tensor(float(ckpt.clip_window[1]), **f32),
         }
@@ -173,7 +179,7 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
         "cond_dim": cond,
         "n_blocks": cfg.num_layers,
         "n_heads": heads,
-        "time_conditioning": False,
+        "time_conditioning": tc,
         "var_min": True,
         "sampling_eps_min": float(ckpt.clip_window[0]),
         "sampling_eps_max": float(ckpt.clip_window[1]),
@@ -183,6 +189,46 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     if cfg.dropout is not None:  # unknown (an old sampler folder): left out rather than invented
         config["dropout"] = float(cfg.dropout)
     return config, out
+
+
+def _as_bd3lms(cfg: NetConfig, s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Native weights as the arch bd3lms (reference DiT block) tensors: arch bd3lms as is; the megatron layer's
+    LayerNorm(w, b) as weight w with the constant modulation (shift b, scale 0, gate 1), zero MLP and head biases."""
+    if cfg.arch == "bd3lms":
+        return s
+    h = cfg.hidden_size
+    zeros, ones = torch.zeros(h), torch.ones(h)
+    out = {"embedding.word_embeddings.weight": s["embedding.word_embeddings.weight"]}
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        ln1_b, ln2_b = s[p + "input_layernorm.bias"].float(), s[p + "pre_mlp_layernorm.bias"].float()
+        out.update({p + k: s[p + k] for k in _SHARED_LAYER_TENSORS})
+        out.update(
+            {
+                p + "mlp.linear_fc1.bias": torch.zeros(cfg.ffn_hidden_size),
+                p + "mlp.linear_fc2.bias": torch.zeros(h),
+                p + "modulation.bias": torch.cat([ln1_b, zeros, ones, ln2_b, zeros, ones]),
+            }
+        )
+    out.update(
+        {
+            "decoder.final_layernorm.weight": s["decoder.final_layernorm.weight"],
+            "decoder.final_layernorm.modulation.bias": torch.cat([s["decoder.final_layernorm.bias"].float(), zeros]),
+            "output_layer.weight": s["output_layer.weight"],
+            "output_layer.bias": torch.zeros(cfg.vocab_size),
+        }
+    )
+    return out
+
+
+_SHARED_LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight",
+    "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight",
+)
 
 
 def save_hf(ckpt: SamplerCheckpoint, out: str | Path) -> Path:
@@ -197,17 +243,15 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str = "the HF folder") -> SamplerCheckpoint:
-    """Native weights from the reference layout, or ValueError naming the first tensor/field with no exact
-    counterpart in this model."""
+    """Native weights (a SamplerCheckpoint: arch megatron when exactly representable, else bd3lms) from the
+    reference layout ``config`` (config.json) + ``state`` (backbone.* tensors, optional clip-window buffers), or
+    ValueError naming the first tensor/field with no exact counterpart."""
     for key in ("vocab_size", "model_length", "block_size", "hidden_dim", "n_blocks", "n_heads"):
         _require(key in config, f"{where}: config.json lacks '{key}'")
     _require(config.get("cross_attn", True), f"{where}: cross_attn=false is an MDLM model, not BD3-LM")
     _require(not config.get("causal", False), f"{where}: causal=true is the AR baseline, not BD3-LM")
-    _require(
-        not config.get("time_conditioning", False),
-        f"{where}: time_conditioning=true makes the adaLN modulation depend on t; this model has none",
-    )
     adaln = bool(config.get("adaln", True))
+    time_cond = bool(config.get("time_conditioning", False)) and adaln
     h, n, heads, vocab = (int(config[k]) for k in ("hidden_dim", "n_blocks", "n_heads", "vocab_size"))
     cond = int(config.get("cond_dim", HF_COND_DIM))
     want = hf_expected_shapes(n, h, vocab, cond, adaln=adaln, var_min=False)
@@ -226,62 +270,21 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
             tuple(state[name].shape) == shape,
             f"{where}: {name} has shape {tuple(state[name].shape)}, the config implies {shape}",
         )
+        _require(state[name].is_floating_point(), f"{where}: {name} has dtype {state[name].dtype}, not floating point")
     s = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-    def zero(name: str, t: torch.Tensor | None = None) -> None:
-        t = s[name] if t is None else t
-        _require(
-            not torch.any(t != 0),
-            f"{where}: {name} is non-zero (max |x| = {t.abs().max().item():.3g}); this "
-            f"model has no such term, so the weights cannot be imported exactly",
-        )
-
-    def mod_chunks(name: str, k: int) -> list[torch.Tensor]:
-        if not adaln:  # plain weight-only LayerNorms: shift 0, scale 0, gate 1
-            identity = [torch.zeros(h), torch.zeros(h), torch.ones(h)]
-            return identity * 2 if k == 6 else identity[:2]
-        zero(name + ".weight")
-        return list(s[name + ".bias"].chunk(k))
-
     _require(
         torch.allclose(s["backbone.rotary_emb.inv_freq"], rope_inv_freq(h // heads), rtol=1e-6, atol=0),
         f"{where}: backbone.rotary_emb.inv_freq is not the base-10000 table this model uses",
     )
-    out: dict[str, torch.Tensor] = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}
-    for i in range(n):
-        q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod_chunks(q + "adaLN_modulation", 6)
-        zero(q + "adaLN_modulation.bias[scale_msa]", scale1)
-        zero(q + "adaLN_modulation.bias[scale_mlp]", scale2)
-        for nm, t in ((q + "adaLN_modulation.bias[gate_msa]", gate1), (q + "adaLN_modulation.bias[gate_mlp]", gate2)):
-            _require(
-                bool(torch.all(t == 1)),
-                f"{where}: {nm} is not all ones; a gated residual has no exact counterpart in this model",
-            )
-        zero(q + "mlp.0.bias")
-        zero(q + "mlp.2.bias")
-        out.update(
-            {
-                p + "input_layernorm.weight": s[q + "norm1.weight"],
-                p + "input_layernorm.bias": shift1.clone(),
-                p + "self_attention.linear_qkv.weight": _qkv_from_hf(s[q + "attn_qkv.weight"], heads),
-                p + "self_attention.linear_proj.weight": s[q + "attn_out.weight"],
-                p + "pre_mlp_layernorm.weight": s[q + "norm2.weight"],
-                p + "pre_mlp_layernorm.bias": shift2.clone(),
-                p + "mlp.linear_fc1.weight": s[q + "mlp.0.weight"],
-                p + "mlp.linear_fc2.weight": s[q + "mlp.2.weight"],
-            }
-        )
-    shift, scale = mod_chunks("backbone.output_layer.adaLN_modulation", 2)
-    zero("backbone.output_layer.adaLN_modulation.bias[scale]", scale)
-    zero("backbone.output_layer.linear.bias")
-    out.update(
-        {
-            "decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
-            "decoder.final_layernorm.bias": shift.clone(),
-            "output_layer.weight": s["backbone.output_layer.linear.weight"],
-        }
-    )
+    bd3lms = _bd3lms_form(s, n, h, adaln, time_cond)
+    out = None if time_cond else _megatron_form(bd3lms, n, h)
+    arch = "megatron" if out is not None else "bd3lms"
+    out = bd3lms if out is None else out
+    for name, t in out.items():
+        _require(bool(torch.isfinite(t).all()), f"{where}: {name} holds non-finite values; the weights are damaged")
+    for i in range(n):  # the layout change of the fused QKV rows (reference: all q | all k | all v)
+        key = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
+        out[key] = _qkv_from_hf(out[key], heads)
 
     extra_cfg = config.get("bd3_megatron") or {}
     tokenizer = extra_cfg.get("tokenizer")
@@ -304,15 +307,117 @@ def from_hf(config: dict[str, Any], state: dict[str, torch.Tensor], where: str =
         seq_len=int(config["model_length"]),
         block_size=int(config["block_size"]),
         dropout=float(config["dropout"]) if config.get("dropout") is not None else None,
+        arch=arch,
+        time_conditioning=time_cond,
+        cond_dim=cond if time_cond else 0,
     )
     notes = []
-    if adaln:
+    if arch == "megatron" and adaln:
         notes.append(
-            "ignored backbone.sigma_map.* (the time embedding: unused because every adaLN weight is zero "
-            "and time_conditioning is false)"
+            "the adaLN modulation is the identity (scale 0, gate 1, zero weights) and the MLP/head biases are zero: "
+            "imported exactly as the plain megatron layer (model.arch=megatron); sigma_map.* unused"
+        )
+    elif adaln and not time_cond:
+        notes.append(
+            "time_conditioning=false: each adaLN modulation is the constant W·silu(sigma_map(0)) + b, stored as "
+            "its modulation.bias (model.arch=bd3lms); sigma_map.* and adaLN weights are folded into it"
         )
     source = dict(extra_cfg.get("source") or {}, imported_from="hf")
     return SamplerCheckpoint(net_cfg, out, tokenizer=tokenizer, clip_window=eps, source=source, notes=notes)
+
+
+def _bd3lms_form(s: dict[str, torch.Tensor], n: int, h: int, adaln: bool, time_cond: bool) -> dict[str, torch.Tensor]:
+    """Reference tensors -> arch bd3lms canonical names (QKV rows still in the reference order).
+
+    Without time conditioning the reference zeroes sigma, so c₀ = silu(sigma_map(0)) is one vector and each adaLN
+    modulation ``W·c₀ + b`` a constant, computed here with the reference's operations in float64 and rounded once
+    (deterministic bits; within an fp32 rounding of what the reference computes each forward). Without adaLN
+    (``adaln=false``) the block is unmodulated: shift 0, scale 0, gate 1, which the modulated form computes exactly."""
+    out = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}
+    c0 = None
+    if adaln and not time_cond:  # in float64, rounded once to fp32: the same bits whatever the BLAS kernel path
+        d = {k: v.double() for k, v in s.items() if "sigma_map" in k}
+        t_freq = torch.cat([torch.ones(1, HF_TIMESTEP_DIM // 2), torch.zeros(1, HF_TIMESTEP_DIM // 2)], dim=-1).double()
+        hidden = F.silu(F.linear(t_freq, d["backbone.sigma_map.mlp.0.weight"], d["backbone.sigma_map.mlp.0.bias"]))
+        c0 = F.silu(F.linear(hidden, d["backbone.sigma_map.mlp.2.weight"], d["backbone.sigma_map.mlp.2.bias"]))
+    if time_cond:
+        for j in (0, 2):
+            for kind in ("weight", "bias"):
+                out[f"time_embedding.mlp.{j}.{kind}"] = s[f"backbone.sigma_map.mlp.{j}.{kind}"]
+
+    def modulation(name: str, dest: str, chunks: int) -> None:
+        if not adaln:
+            identity = torch.cat([torch.zeros(h), torch.zeros(h), torch.ones(h)])
+            out[dest + ".bias"] = identity.repeat(2) if chunks == 6 else torch.zeros(2 * h)
+        elif time_cond:
+            out[dest + ".weight"], out[dest + ".bias"] = s[name + ".weight"], s[name + ".bias"]
+        else:
+            out[dest + ".bias"] = F.linear(c0, s[name + ".weight"].double(), s[name + ".bias"].double())[0].float()
+
+    for i in range(n):
+        q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
+        out.update(
+            {
+                p + "input_layernorm.weight": s[q + "norm1.weight"],
+                p + "self_attention.linear_qkv.weight": s[q + "attn_qkv.weight"],
+                p + "self_attention.linear_proj.weight": s[q + "attn_out.weight"],
+                p + "pre_mlp_layernorm.weight": s[q + "norm2.weight"],
+                p + "mlp.linear_fc1.weight": s[q + "mlp.0.weight"],
+                p + "mlp.linear_fc1.bias": s[q + "mlp.0.bias"],
+                p + "mlp.linear_fc2.weight": s[q + "mlp.2.weight"],
+                p + "mlp.linear_fc2.bias": s[q + "mlp.2.bias"],
+            }
+        )
+        modulation(q + "adaLN_modulation", p + "modulation", 6)
+    modulation("backbone.output_layer.adaLN_modulation", "decoder.final_layernorm.modulation", 2)
+    out.update(
+        {
+            "decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
+            "output_layer.weight": s["backbone.output_layer.linear.weight"],
+            "output_layer.bias": s["backbone.output_layer.linear.bias"],
+        }
+    )
+    return out
+
+
+def _megatron_form(b: dict[str, torch.Tensor], n: int, h: int) -> dict[str, torch.Tensor] | None:
+    """The plain megatron layer's weights when the constant-modulation model is exactly one (scale 0, gate 1, zero
+    MLP and head biases: LayerNorm(w, b) = weight w, shift b), else None."""
+
+    def zero(t: torch.Tensor) -> bool:
+        return not bool(torch.any(t != 0))
+
+    out = {"embedding.word_embeddings.weight": b["embedding.word_embeddings.weight"]}
+    for i in range(n):
+        p = f"decoder.layers.{i}."
+        shift1, scale1, gate1, shift2, scale2, gate2 = b[p + "modulation.bias"].chunk(6)
+        if not (zero(scale1) and zero(scale2) and bool(torch.all(gate1 == 1)) and bool(torch.all(gate2 == 1))):
+            return None
+        if not (zero(b[p + "mlp.linear_fc1.bias"]) and zero(b[p + "mlp.linear_fc2.bias"])):
+            return None
+        out.update(
+            {
+                p + "input_layernorm.weight": b[p + "input_layernorm.weight"],
+                p + "input_layernorm.bias": shift1.clone(),
+                p + "self_attention.linear_qkv.weight": b[p + "self_attention.linear_qkv.weight"],
+                p + "self_attention.linear_proj.weight": b[p + "self_attention.linear_proj.weight"],
+                p + "pre_mlp_layernorm.weight": b[p + "pre_mlp_layernorm.weight"],
+                p + "pre_mlp_layernorm.bias": shift2.clone(),
+                p + "mlp.linear_fc1.weight": b[p + "mlp.linear_fc1.weight"],
+                p + "mlp.linear_fc2.weight": b[p + "mlp.linear_fc2.weight"],
+            }
+        )
+    shift, scale = b["decoder.final_layernorm.modulation.bias"].chunk(2)
+    if not (zero(scale) and zero(b["output_layer.bias"])):
+        return None
+    out.update(
+        {
+            "decoder.final_layernorm.weight": b["decoder.final_layernorm.weight"],
+            "decoder.final_layernorm.bias": shift.clone(),
+            "output_layer.weight": b["output_layer.weight"],
+        }
+    )
+    return out
 
 
 def _clip_value(config: dict[str, Any], state: dict[str, torch.Tensor], key: str, default: float) -> float:

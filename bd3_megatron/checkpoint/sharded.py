@@ -448,6 +448,8 @@ _DEFAULT_PARTITION = {
     "output_layer.weight": 0,
     "linear_qkv.weight": 0,
     "linear_fc1.weight": 0,
+    "linear_fc1.bias": 0,
+    "output_layer.bias": 0,
     "linear_proj.weight": 1,
     "linear_fc2.weight": 1,
 }

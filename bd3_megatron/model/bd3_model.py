@@ -41,6 +41,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from bd3_megatron.diffusion import masks
 from bd3_megatron.diffusion.loss import never_predicted
+from bd3_megatron.model.adaln import AdaLNFinalNorm, adaln_layer_spec
 from bd3_megatron.model.attention import BD3CoreAttention, is_block_mask
 from bd3_megatron.model.head import linear_cross_entropy
 from bd3_megatron.model.rope import rope_angles, rope_inv_freq
@@ -61,6 +62,7 @@ class BD3Spec:
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 32 MiB logit budget)
     noisy_half_last_layer: bool = True  # bd3: the last layer computes the noisy half only (the head's input)
     recompute: bool = False  # activation recomputation of every layer in backward (model.recompute)
+    arch: str = "megatron"  # megatron (pre-LN GPT layer) | bd3lms (the reference DiT block: adaLN + biases)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -87,9 +89,14 @@ def bd3_block_spec(config: TransformerConfig, spec: BD3Spec, post_process: bool)
     layers = get_num_layers_to_build(config)
     noisy_half = get_mode(spec.mode).noisy_half_last_layer and spec.noisy_half_last_layer
     last_noisy_only = noisy_half and post_process and layers > 0
-    specs = [bd3_layer_spec() for _ in range(layers - last_noisy_only)]
-    specs += [bd3_layer_spec(noisy_queries_only=True)] * last_noisy_only
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+    layer_spec, final_norm = _ARCH_SPECS[spec.arch]
+    specs = [layer_spec() for _ in range(layers - last_noisy_only)]
+    specs += [layer_spec(noisy_queries_only=True)] * last_noisy_only
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+
+
+# model.arch -> (layer spec factory, final norm): megatron's GPT layer, or the reference DiT block (model/adaln.py)
+_ARCH_SPECS = {"megatron": (bd3_layer_spec, LayerNormImpl), "bd3lms": (adaln_layer_spec, AdaLNFinalNorm)}
 
 
 class BD3TransformerLayer(TransformerLayer):
@@ -166,7 +173,7 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
             padded_vocab,
             config=config,
             init_method=config.init_method,
-            bias=False,
+            bias=config.add_bias_linear,  # arch bd3lms: the reference head has a bias
             skip_bias_add=False,
             gather_output=False,
         )
@@ -191,6 +198,7 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
             self.weight,
             labels,
             self.never_predict,
+            bias=self.bias,
             loss_weight=loss_weight,
             vocab_start=self.vocab_start,
             chunk_tokens=self.chunk_tokens,
@@ -407,9 +415,10 @@ def build_transformer_config(
     params_dtype=torch.float32,
     pipeline_dtype=torch.float32,
     use_cpu_initialization: bool = True,
+    add_bias_linear: bool = False,
 ) -> TransformerConfig:
-    """megatron-core TransformerConfig for the BD3 model: pre-LN, GELU(tanh) MLP, no linear biases, no fusions
-    that need apex/TE (so CPU and GPU run the same math)."""
+    """megatron-core TransformerConfig for the BD3 model: pre-LN, GELU(tanh) MLP, no linear biases (``add_bias_linear``
+    for arch bd3lms: MLP and head biases), no fusions that need apex/TE (so CPU and GPU run the same math)."""
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -417,7 +426,7 @@ def build_transformer_config(
         ffn_hidden_size=ffn_hidden_size or 4 * hidden_size,
         hidden_dropout=dropout,
         attention_dropout=0.0,
-        add_bias_linear=False,
+        add_bias_linear=add_bias_linear,
         activation_func=lambda x: F.gelu(x, approximate="tanh"),
         normalization="LayerNorm",
         layernorm_epsilon=1e-5,

@@ -18,6 +18,7 @@ def build_model(cfg: Config, ctx: ParallelContext, vocab_size: int, mask_token_i
         tp=ctx.tp,
         pp=ctx.pp,
         use_cpu_initialization=not ctx.runtime.is_cuda,
+        add_bias_linear=m.arch == "bd3lms",  # the reference DiT block's MLP and head biases
     )
     spec = BD3Spec(
         vocab_size=vocab_size,
@@ -28,6 +29,7 @@ def build_model(cfg: Config, ctx: ParallelContext, vocab_size: int, mask_token_i
         mode=m.mode,
         ce_chunk_tokens=m.ce_chunk_tokens,
         recompute=m.recompute,
+        arch=m.arch,
     )
     model = BD3Model(tconf, spec, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     init_parameters(model, cfg.train.seed)

@@ -56,19 +56,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group):
+    def forward(ctx, hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group, bias=None):
         n, vp = hidden.shape[0], weight.shape[0]
-        want_grad = loss_weight is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        want_grad = loss_weight is not None and (
+            ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[8])
+        )
         ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
         local = labels - vocab_start
         owned = (local >= 0) & (local < vp)  # this rank's slice holds the target's logit
         local = torch.where(owned, local, torch.zeros_like(local))
         grad_hidden = torch.empty_like(hidden) if want_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        grad_bias = torch.zeros(vp, dtype=torch.float32, device=weight.device) if want_grad else None
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             h = hidden[lo:hi]
-            logits = F.linear(h, weight).float()  # [C, Vp]; a fresh fp32 buffer we may overwrite
+            logits = F.linear(h, weight, bias).float()  # [C, Vp]; a fresh fp32 buffer we may overwrite
             logits.index_fill_(1, never_predict, float("-inf"))  # SUBS: the mask token and vocabulary padding
             row_max = _all_reduce(logits.max(dim=1).values, dist.ReduceOp.MAX, group)
             logits.sub_(row_max[:, None])
@@ -83,10 +86,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits.mul_(loss_weight[lo:hi, None])
                 grad_hidden[lo:hi] = logits.to(weight.dtype) @ weight  # autocast picks bf16 here when active
                 grad_weight += (logits.t().to(h.dtype) @ h).float()
+                grad_bias += logits.sum(dim=0)
         ctx.mark_non_differentiable(ce)
         ctx.want_grad = want_grad
         if want_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_bias)
+            ctx.bias_dtype = None if bias is None else bias.dtype
             weighted = (ce * loss_weight).sum()
         else:
             weighted = ce.new_zeros(()) if loss_weight is None else (ce * loss_weight).sum()
@@ -96,8 +101,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_weighted):
         if not ctx.want_grad:
             raise RuntimeError("LinearCrossEntropy: gradients exist only for weighted_sum with loss_weight given")
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_weighted, grad_weight * grad_weighted, None, None, None, None, None, None
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_bias = None if ctx.bias_dtype is None else (grad_bias * grad_weighted).to(ctx.bias_dtype)
+        return grad_hidden * grad_weighted, grad_weight * grad_weighted, None, None, None, None, None, None, grad_bias
 
 
 def linear_cross_entropy(
@@ -106,6 +112,7 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     never_predict: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
     loss_weight: torch.Tensor | None = None,
     vocab_start: int = 0,
     chunk_tokens: int = 0,
@@ -113,7 +120,8 @@ def linear_cross_entropy(
 ):
     """Per-token cross-entropy [N] (no gradient) and its ``loss_weight``-weighted sum [] (differentiable).
 
-    ``hidden`` [N, h]; ``weight`` [Vp, h] this rank's head rows starting at global id ``vocab_start``; ``labels``
+    ``hidden`` [N, h]; ``weight`` [Vp, h] this rank's head rows (``bias`` [Vp] their bias, optional) starting at
+    global id ``vocab_start``; ``labels``
     [N] global ids; ``never_predict`` [Vp] bool or [K] int64 local column ids (SUBS: the mask token and the
     vocabulary padding get -inf);
     ``group`` the tensor-parallel group (None: single rank). Raises ValueError on shape mismatches.
@@ -128,4 +136,4 @@ def linear_cross_entropy(
     chunk = chunk_tokens_for(weight.shape[0], chunk_tokens)
     if never_predict.dtype == torch.bool:
         never_predict = never_predict.nonzero().flatten()
-    return LinearCrossEntropy.apply(hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group)
+    return LinearCrossEntropy.apply(hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group, bias)

@@ -47,12 +47,23 @@ class NetConfig:
     # hidden dropout the run trained with: never applied here (inference only), carried so an exported HF config
     # states the run's value; None when the source did not record it
     dropout: float | None = None
+    # megatron: pre-LN GPT layer, LayerNorm with bias, no linear biases | bd3lms: the reference DiT block (adaLN
+    # modulation, weight-only LayerNorms, MLP and head biases; bd3_megatron.model.adaln)
+    arch: str = "megatron"
+    # bd3lms only: adaLN modulation from the time embedding c = silu(MLP(sinusoid(sigma))) of width cond_dim (the
+    # reference's time_conditioning=true); false: a per-layer constant modulation
+    time_conditioning: bool = False
+    cond_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLER_NET_MODES:
             raise ValueError(
                 f"model mode {self.mode!r} is not one the single-device network runs ({', '.join(SAMPLER_NET_MODES)})"
             )
+        if self.arch not in ("megatron", "bd3lms"):
+            raise ValueError(f"model arch {self.arch!r} is not megatron or bd3lms")
+        if self.time_conditioning and (self.arch != "bd3lms" or self.cond_dim < 1):
+            raise ValueError("time_conditioning needs arch bd3lms and cond_dim >= 1")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2:
@@ -82,6 +93,8 @@ def expected_shapes(cfg: NetConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> full (unsharded, unpadded) shape: the contract between convert, export and the net."""
     h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
     out: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, h)}
+    if cfg.arch == "bd3lms":
+        return _bd3lms_shapes(cfg, out)
     for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
         out.update(
@@ -100,6 +113,51 @@ def expected_shapes(cfg: NetConfig) -> dict[str, tuple[int, ...]]:
         {"decoder.final_layernorm.weight": (h,), "decoder.final_layernorm.bias": (h,), "output_layer.weight": (v, h)}
     )
     return out
+
+
+def _bd3lms_shapes(cfg: NetConfig, out: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """arch bd3lms: the reference DiT block's tensors under canonical names (model/adaln.py)."""
+    h, f, v, c = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size, cfg.cond_dim
+    if cfg.time_conditioning:
+        out.update(
+            {
+                "time_embedding.mlp.0.weight": (c, TIMESTEP_DIM),
+                "time_embedding.mlp.0.bias": (c,),
+                "time_embedding.mlp.2.weight": (c, c),
+                "time_embedding.mlp.2.bias": (c,),
+            }
+        )
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        out.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attention.linear_qkv.weight": (3 * h, h),
+                p + "self_attention.linear_proj.weight": (h, h),
+                p + "pre_mlp_layernorm.weight": (h,),
+                p + "mlp.linear_fc1.weight": (f, h),
+                p + "mlp.linear_fc1.bias": (f,),
+                p + "mlp.linear_fc2.weight": (h, f),
+                p + "mlp.linear_fc2.bias": (h,),
+                p + "modulation.bias": (6 * h,),
+            }
+        )
+        if cfg.time_conditioning:
+            out[p + "modulation.weight"] = (6 * h, c)
+    out.update(
+        {
+            "decoder.final_layernorm.weight": (h,),
+            "decoder.final_layernorm.modulation.bias": (2 * h,),
+            "output_layer.weight": (v, h),
+            "output_layer.bias": (v,),
+        }
+    )
+    if cfg.time_conditioning:
+        out["decoder.final_layernorm.modulation.weight"] = (2 * h, c)
+    return out
+
+
+TIMESTEP_DIM = 256  # the reference TimestepEmbedder's sinusoid width
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -122,13 +180,15 @@ class _SelfAttention(nn.Module):
 
 
 class _MLP(nn.Module):
-    def __init__(self, cfg: NetConfig):
+    def __init__(self, cfg: NetConfig, bias: bool = False):
         super().__init__()
-        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
-        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=bias)
+        self.linear_fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=bias)
 
 
 class _Layer(nn.Module):
+    """megatron's pre-LN GPT layer: x + proj(attn(LN(x))), then x + fc2(gelu(fc1(LN(x))))."""
+
     def __init__(self, cfg: NetConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
@@ -136,12 +196,115 @@ class _Layer(nn.Module):
         self.pre_mlp_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.mlp = _MLP(cfg)
 
+    def modulation(self, c: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def attention_input(self, x: torch.Tensor, mod) -> torch.Tensor:
+        return self.input_layernorm(x)
+
+    def attention_residual(self, x: torch.Tensor, a: torch.Tensor, mod) -> torch.Tensor:
+        return x + self.self_attention.linear_proj(a)
+
+    def mlp_residual(self, x: torch.Tensor, mod) -> torch.Tensor:
+        h = self.pre_mlp_layernorm(x)
+        return x + self.mlp.linear_fc2(F.gelu(self.mlp.linear_fc1(h), approximate="tanh"))
+
+
+class _RefLayerNorm(nn.Module):
+    """The reference's weight-only LayerNorm: layer_norm(x.float()) * weight."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.eps = cfg.layernorm_eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+
+
+class _Modulation(nn.Module):
+    """adaLN modulation [.., chunks*h]: a constant ``bias`` (no time conditioning), or ``weight @ c + bias``."""
+
+    def __init__(self, cfg: NetConfig, chunks: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(chunks * cfg.hidden_size))
+        if cfg.time_conditioning:
+            self.weight = nn.Parameter(torch.zeros(chunks * cfg.hidden_size, cfg.cond_dim))
+
+    def forward(self, c: torch.Tensor | None) -> torch.Tensor:
+        if c is None:  # [chunks*h], broadcast over batch and positions
+            return self.bias
+        return F.linear(c, self.weight, self.bias)[:, None]  # [b, 1, chunks*h]
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift  # the reference's order of operations
+
+
+class _AdaLNLayer(nn.Module):
+    """The reference DiT block (model/adaln.py): modulated weight-only norms, gated residuals, MLP biases."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.input_layernorm = _RefLayerNorm(cfg)
+        self.self_attention = _SelfAttention(cfg)
+        self.pre_mlp_layernorm = _RefLayerNorm(cfg)
+        self.mlp = _MLP(cfg, bias=True)
+        self.modulation = _Modulation(cfg, 6)
+
+    def attention_input(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        shift, scale = mod.chunk(6, dim=-1)[:2]
+        return _modulate(self.input_layernorm(x), shift, scale)
+
+    def attention_residual(self, x: torch.Tensor, a: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        return x + mod.chunk(6, dim=-1)[2] * self.self_attention.linear_proj(a)
+
+    def mlp_residual(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = mod.chunk(6, dim=-1)[3:]
+        h = _modulate(self.pre_mlp_layernorm(x), shift, scale)
+        return x + gate * self.mlp.linear_fc2(F.gelu(self.mlp.linear_fc1(h), approximate="tanh"))
+
+
+class _AdaLNFinalNorm(_RefLayerNorm):
+    def __init__(self, cfg: NetConfig):
+        super().__init__(cfg)
+        self.modulation = _Modulation(cfg, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return _modulate(super().forward(x), shift, scale)
+
+
+class _FinalNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class _TimeEmbedding(nn.Module):
+    """The reference TimestepEmbedder followed by silu: c = silu(mlp(sinusoid(sigma))) [b, cond]."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        c = cfg.cond_dim
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_DIM, c), nn.SiLU(), nn.Linear(c, c))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = TIMESTEP_DIM // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma[:, None].float() * freqs[None]
+        return F.silu(self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1)))
+
+
+# arch -> (layer, final norm)
+_ARCH_MODULES = {"megatron": (_Layer, None), "bd3lms": (_AdaLNLayer, _AdaLNFinalNorm)}
+
 
 class _Decoder(nn.Module):
     def __init__(self, cfg: NetConfig):
         super().__init__()
-        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_layers))
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        layer, final = _ARCH_MODULES[cfg.arch]
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = final(cfg) if final else _FinalNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
 
 
 class BD3Net(nn.Module):
@@ -151,8 +314,10 @@ class BD3Net(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = _Embedding(cfg)
+        if cfg.time_conditioning:
+            self.time_embedding = _TimeEmbedding(cfg)
         self.decoder = _Decoder(cfg)
-        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.arch == "bd3lms")
 
     # ---- rotary ----
     def inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -184,8 +349,12 @@ class BD3Net(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [b, S, h] after the final LayerNorm for ``tokens`` [b, S] at ``positions`` [S].
+
+        ``sigma`` [b] (time-conditioned bd3lms models only, where it is required) conditions the adaLN modulation;
+        every other model ignores it (the reference zeroes sigma without time conditioning).
 
         Without ``cache`` the span attends to itself. With it, the span's post-rotary K/V are written at
         ``cache.length`` and queries attend to the ``cache.length`` cached entries followed by the span; the
@@ -199,8 +368,10 @@ class BD3Net(nn.Module):
         t0 = cache.length if cache is not None else 0
         if cache is not None and t0 + s > cache.capacity:
             raise ValueError(f"KV cache overflow: {t0} cached + {s} new > capacity {cache.capacity}")
+        c = self.condition(sigma)
         for i, layer in enumerate(self.decoder.layers):
-            h = layer.input_layernorm(x)
+            mod = layer.modulation(c)
+            h = layer.attention_input(x, mod)
             qkv = layer.self_attention.linear_qkv(h).view(b, s, cfg.num_heads, 3, cfg.head_dim)
             q, k, v = (qkv[:, :, :, j].transpose(1, 2) for j in range(3))  # megatron: per head [q | k | v]
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
@@ -209,10 +380,18 @@ class BD3Net(nn.Module):
                 cache.v[i][:, :, t0 : t0 + s] = v
                 k, v = cache.k[i][:, :, : t0 + s], cache.v[i][:, :, : t0 + s]
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-            x = x + layer.self_attention.linear_proj(a.transpose(1, 2).reshape(b, s, -1))
-            h = layer.pre_mlp_layernorm(x)
-            x = x + layer.mlp.linear_fc2(F.gelu(layer.mlp.linear_fc1(h), approximate="tanh"))
-        return self.decoder.final_layernorm(x)
+            x = layer.attention_residual(x, a.transpose(1, 2).reshape(b, s, -1), mod)
+            x = layer.mlp_residual(x, mod)
+        return self.decoder.final_layernorm(x, c)
+
+    def condition(self, sigma: torch.Tensor | None) -> torch.Tensor | None:
+        """The conditioning vector c [b, cond] of a time-conditioned model (None otherwise: constant modulation).
+        Raises ValueError when such a model gets no sigma."""
+        if not self.cfg.time_conditioning:
+            return None
+        if sigma is None:
+            raise ValueError("this model is time-conditioned (time_conditioning=true); pass sigma [b]")
+        return self.time_embedding(sigma)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., V]; the mask token is -inf (SUBS: never predicted; padding rows were dropped)."""
@@ -221,12 +400,18 @@ class BD3Net(nn.Module):
         return logits
 
     def bd3_logits(
-        self, xt: torch.Tensor, x0: torch.Tensor, start: int = 0, end: int | None = None, block_size: int | None = None
+        self,
+        xt: torch.Tensor,
+        x0: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+        block_size: int | None = None,
+        sigma: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [b, end-start, V] of noisy positions [start, end) of the forward over x_t ⊕ x0 (each [b, P],
         P a multiple of the block size) with positions [0..P-1, 0..P-1] and the BD3 mask: the training forward."""
         end = xt.shape[1] if end is None else end
-        return self.logits(self.bd3_hidden(xt, x0, block_size)[:, start:end])
+        return self.logits(self.bd3_hidden(xt, x0, block_size, sigma)[:, start:end])
 
     def causal_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states [b, S, h] of ``tokens`` [b, S] at positions 0..S-1 under a causal mask: the AR
@@ -235,12 +420,14 @@ class BD3Net(nn.Module):
         causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
         return self.run(tokens, torch.arange(s, device=tokens.device), attn_mask=causal)
 
-    def bd3_hidden(self, xt: torch.Tensor, x0: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    def bd3_hidden(
+        self, xt: torch.Tensor, x0: torch.Tensor, block_size: int | None = None, sigma: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final hidden states [b, 2P, h] of the x_t ⊕ x0 forward (see :meth:`bd3_logits`)."""
         p = xt.shape[1]
         pos = torch.arange(p, device=xt.device)
         mask = bd3_mask(p, block_size or self.cfg.block_size, device=xt.device)
-        return self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask)
+        return self.run(torch.cat([xt, x0], dim=1), torch.cat([pos, pos]), attn_mask=mask, sigma=sigma)
 
 
 class KVCache:
@@ -295,4 +482,6 @@ def build_net(
             if isinstance(mod, nn.LayerNorm):
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
+            if isinstance(mod, _RefLayerNorm):
+                nn.init.ones_(mod.weight)
     return net.eval()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from bd3_megatron.checkpoint import foreign
 from bd3_megatron.checkpoint import sharded as ckpt
 from bd3_megatron.config import Config
 from bd3_megatron.diffusion.schedule import ClipWindow
@@ -236,6 +237,24 @@ class Checkpointer:
         EMA weights) or its raw weights. Both the model and this run's EMA start from them, so the step-0 evaluation
         scores exactly those weights. Raises CheckpointError for another architecture or tokenizer, or when ema is
         asked of a run that kept no EMA."""
+        if foreign.is_foreign(spec):  # a sampler / bd3lms HF folder or a bd3lms Lightning .ckpt (checkpoint/foreign.py)
+            ck = foreign.read_foreign(spec, self.cfg.checkpoint.init_from_weights)
+            info = self.run_info
+            weights = foreign.weights_for_rank(
+                ck,
+                self.cfg.model,
+                info["vocab_size"],
+                info["mask_token_id"],
+                info["tokenizer"],
+                self.named,
+                self.canonical,
+                spec,
+            )
+            self.load_weights(weights, source=spec)
+            if self.ema is not None:
+                self.ema.restart(self.named)
+            self.log(f"initialised weights from {spec} ({ck.source}); training starts at step 0")
+            return
         path = ckpt.resolve_checkpoint(spec, None)
         if path is None:
             raise ckpt.CheckpointError(f"checkpoint.init_from={spec!r} names no checkpoint")
