@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 DEFAULT_STEP_MS = 182.0  # DESIGN.md §8: megatron-core GPTModel + flex BD3 attention, 12x768, L=1024, batch 16, H100
 DEFAULT_MEASURED_BATCH = 16
-REDUCE_BUCKET = 5e7  # ds_engine.deepspeed_config: reduce_bucket_size / allgather_bucket_size (elements)
+REDUCE_BUCKET = 5e7  # training.engine.deepspeed_config: reduce_bucket_size / allgather_bucket_size (elements)
 ALLREDUCE_BUCKET_ZERO0 = 5e8  # DeepSpeed's allreduce_bucket_size default, used by ZeRO-0's buffered all-reduce
 DP_GRAD_MIN_NUMEL = 1024  # data-parallel all-reduces at least this big are gradient buckets; smaller ones are scalars
 PIPELINE_BYTES = 4  # megatron pipeline_dtype (fp32 in build_transformer_config)
@@ -318,7 +318,7 @@ def format_table(
     rows.append(
         "\n* not available in DeepSpeed's stage 0 (it reduces after backward): what an overlapped reducer "
         "(megatron-core DDP overlap_grad_reduce, torch DDP) would give; ZeRO-2 + overlap_comm needs "
-        "zero_optimization.overlap_comm=true, which ds_engine.py does not set"
+        "zero_optimization.overlap_comm=true, which training/engine.py does not set"
     )
     return "\n".join(rows)
 

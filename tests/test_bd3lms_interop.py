@@ -88,7 +88,7 @@ def test_megatron_bd3lms_layer_gives_the_reference_logits_and_loss(mcore, golden
     out.nelbo_sum.backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    hidden, seq = model._bd3_hidden(xt, x0)
+    hidden, seq = model._stream_hidden(xt, x0)
     lp = model.full_logits(hidden[:seq].transpose(0, 1)).log_softmax(-1)
     ce = -lp.gather(-1, x0[..., None]).squeeze(-1)
     torch.testing.assert_close(out.ce[masked], ce[masked].detach(), rtol=1e-5, atol=1e-5)

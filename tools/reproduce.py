@@ -181,6 +181,15 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------- planning
+
+
+def _exact(mode: str) -> bool:
+    """An autoregressive system (no diffusion): its figure is the exact NLL and it scores the others' samples."""
+    from bd3_megatron.modes import get_mode
+
+    return not get_mode(mode).diffusion
+
+
 def resolved_config(plan: Plan):
     """The training config every system shares (base YAML + preset + the user's overrides); ConfigError if bad."""
     from bd3_megatron.config import load_config
@@ -275,7 +284,7 @@ def latest_step(ckpt: Path) -> int | None:
 
 
 def ar_run(plan: Plan, run: Run) -> Run | None:
-    return next((r for r in plan.runs if r.seed == run.seed and r.system.mode == "ar"), None)
+    return next((r for r in plan.runs if r.seed == run.seed and _exact(r.system.mode)), None)
 
 
 def eval_command(plan: Plan, run: Run, output: Path) -> list[str]:
@@ -286,7 +295,7 @@ def eval_command(plan: Plan, run: Run, output: Path) -> list[str]:
         "--checkpoint",
         str(run.ckpt),
         "--samples-per-seq",
-        str(1 if run.system.mode == "ar" else p.draws),  # the AR figure is exact: one draw is all there is
+        str(1 if _exact(run.system.mode) else p.draws),  # the AR figure is exact: one draw is all there is
         "--max-rows",
         str(p.eval_rows),
         "--output",
@@ -584,7 +593,7 @@ def markdown_table(systems: list[System], agg, header: str) -> str:
             if m["n"] > 1:
                 text += " ± " + fmt.format(m["sd"])
             if key == "ppl":
-                text = ("= " if sysm.mode == "ar" else "≤ ") + text
+                text = ("= " if _exact(sysm.mode) else "≤ ") + text
             cells.append(text)
         rows.append(f"| {' | '.join(cells)} |")
     return header + "\n\n" + "\n".join(rows) + "\n"
@@ -608,7 +617,7 @@ def plot(systems: list[System], agg, path: Path) -> None:
             xs,
             [agg[s.name][key]["mean"] for s in have],
             yerr=[agg[s.name][key]["sd"] for s in have],
-            color=["#777777" if s.mode == "ar" else "#4c72b0" for s in have],
+            color=["#777777" if _exact(s.mode) else "#4c72b0" for s in have],
             capsize=4,
         )
         ax.set_xticks(list(xs), [s.label for s in have], rotation=20, ha="right")
