@@ -136,6 +136,11 @@ class ShardRows:
     def num_shards(self) -> int:
         return len(self._shards)
 
+    @property
+    def shard_rows(self) -> np.ndarray:
+        """Rows of each shard in stored order, int64 [num_shards] (the shuffle windows group whole shards)."""
+        return np.diff(self._starts)
+
     def rows(self, indices: np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):

@@ -90,9 +90,8 @@ def _kept_blocks(report: dict, key: str) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: Config, ctx: ParallelContext):
-        from data_pipeline.dataset import ShuffledStream
-        from data_pipeline.readers import build_datasets
         from data_pipeline.tokenizers import get_tokenizer
+        from data_pipeline.training_data import open_training_data
 
         self.cfg, self.ctx = cfg, ctx
         self.dp = validate_layout(cfg, ctx.world_size)
@@ -103,15 +102,9 @@ class Trainer:
         self.device = ctx.runtime.device
         self.dtype = ctx.runtime.compute_dtype(cfg.train.precision)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
-        self.train_rows, self.val_rows, self.data_info = build_datasets(
-            cfg.data.path,
-            self.tokenizer,
-            cfg.model.seq_len,
-            cfg.data.val_docs,
-            cfg.data.cache_dir,
-            verify=cfg.data.verify_shards,
+        self.train_rows, self.val_rows, self.data_info, self.stream = open_training_data(
+            cfg.data, self.tokenizer, cfg.model.seq_len, seed=t.seed, rank=ctx.rank
         )
-        self.stream = ShuffledStream(self.train_rows, seed=t.seed)
         model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
         self.engine = DeepSpeedEngine(model, cfg, ctx, self.dp, self.micro_batches, bf16=self.dtype == torch.bfloat16)
         self.model = self.engine.module
