@@ -2,11 +2,12 @@
 
 A prepared folder (``python -m data_pipeline.prepare --format mds``: manifest.json, train/ and val/ each an MDS
 folder with its index.json) is a valid mosaicml-streaming remote as it is. ``StreamedRows`` is a ``TokenRows`` over
-one split of such a remote: ``rows(indices)`` reads rows by global row index through ``StreamingDataset.get_item``,
-which downloads a missing shard (streaming's own downloaders: s3:// with the endpoint from ``S3_ENDPOINT_URL``,
-gs://, oci://, azure, hf://, a local path, ...), checks its xxh64 against index.json, and under a ``cache_limit``
-evicts the least recently used shards first. ``prefetch(shard_ids)`` downloads shards on a small thread pool ahead
-of need (``ShuffledStream`` hands it the shards of the current and the next shuffle window).
+one split of such a remote: ``rows(indices)`` reads rows by global row index from memory maps of the cached raw
+shards; a shard not in the cache is first fetched with ``StreamingDataset.prepare_shard``: streaming's own
+downloaders (s3:// with the endpoint from ``S3_ENDPOINT_URL``, gs://, oci://, azure, hf://, a local path, ...), its
+xxh64 check against index.json, its decompression, and under a ``cache_limit`` its eviction of the least recently
+used shards. ``prefetch(shard_ids)`` fetches shards on a small thread pool ahead of need (``ShuffledStream`` hands it
+the shards of the current and the next shuffle window).
 
 The trainer's contract is untouched: step s reads global samples [s*G, (s+1)*G), ``ShuffledStream`` maps each to a
 row by (seed, index) alone, so every TP/PP/DP layout reads the same rows and a resume (at any DP size) continues the
@@ -178,6 +179,8 @@ class StreamedRows:
         self.shard_bytes = np.asarray([int(e["raw_bytes"]) for e in self._entries], dtype=np.int64)
         self._pool = ThreadPoolExecutor(max_workers=PREFETCH_WORKERS, thread_name_prefix=f"prefetch-{split}")
         self._queued: set[int] = set()
+        self._inflight: dict[int, threading.Event] = {}  # shard -> set when the thread fetching it is done
+        self._dtype = np.dtype(manifest["dtype"])
         self._lock = threading.Lock()
         self.downloads = 0  # shards this reader fetched (prefetch and on demand): for logs, tests and benches
 
@@ -214,17 +217,40 @@ class StreamedRows:
         self._ds._shard_states[shard_id] = _ShardState.REMOTE
 
     def _fetch(self, shard_id: int) -> None:
-        was_local = self.is_local(shard_id)
-        self._ds.prepare_shard(shard_id, blocking=True)
-        if not was_local:
+        """Make the shard local (download, xxh64 check, decompress: streaming's prepare_shard, which evicts under the
+        cache limit) or wait for the thread already fetching it; a local shard is only marked as just used (LRU)."""
+        from time import time_ns
+
+        with self._lock:
+            done = self._inflight.get(shard_id)
+            if done is None:
+                if self.is_local(shard_id):
+                    self._ds._shard_access_times[shard_id] = time_ns()
+                    return
+                done = self._inflight[shard_id] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            done.wait()  # if that fetch failed, the caller finds no file and fetches (and reports) itself
+            return
+        try:
+            self._ds.prepare_shard(shard_id, blocking=True)
             with self._lock:
                 self.downloads += 1
+        except BaseException:
+            self._forget(shard_id)  # before waiters wake: they must find the shard remote, not half-fetched
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[shard_id]
+            done.set()
 
     def _prefetch_one(self, shard_id: int) -> None:
         try:
             self._fetch(shard_id)
         except Exception:
-            self._forget(shard_id)  # the step that needs it fetches it again and reports the error
+            pass  # _fetch left the shard remote; the step that needs it fetches it again and reports the error
         finally:
             with self._lock:
                 self._queued.discard(shard_id)
@@ -263,17 +289,37 @@ class StreamedRows:
         which = np.searchsorted(starts, idx, side="right") - 1
         for s in np.unique(which):
             s = int(s)
-            try:
-                if not self.is_local(s):
-                    self._fetch(s)
-                sel = np.flatnonzero(which == s)
-                got = np.stack([self._ds.get_item(int(i))[shards.TOKENS_COLUMN] for i in idx[sel]])
-            except Exception as exc:
-                self._forget(s)
-                raise self._error(s, exc) from None
-            check_token_range(got, idx[sel] - starts[s], self.vocab_size, f"shard {self.shard_url(s)}")
-            out[sel] = got
+            sel = np.flatnonzero(which == s)
+            local = idx[sel] - starts[s]
+            out[sel] = self._take(s, local)
         return out
+
+    def _take(self, shard_id: int, local: np.ndarray, attempts: int = 4) -> np.ndarray:
+        """Rows at in-shard indices of one shard, read through a memory map of its cached raw MDS file (the same
+        zero-copy reader as a local folder's; a map stays valid if the file is evicted while it is read)."""
+        from data_pipeline.readers import _MemmapShard
+
+        entry = self._entries[shard_id]
+        path = Path(self._ds.streams[0].local) / self.split / entry["raw_file"]
+        for _ in range(attempts):
+            try:
+                self._fetch(shard_id)
+            except Exception as exc:
+                raise self._error(shard_id, exc) from None
+            try:
+                shard = _MemmapShard(path, int(entry["rows"]), self.seq_len, self._dtype, self.shard_url(shard_id))
+                got = shard.take(local)
+            except FileNotFoundError:  # evicted (or a failed prefetch) between fetch and open: fetch again
+                continue
+            except Exception as exc:
+                self._forget(shard_id)
+                raise self._error(shard_id, exc) from None
+            check_token_range(got, local, self.vocab_size, f"shard {self.shard_url(shard_id)}")
+            return got
+        raise StreamedDataError(
+            f"shard {entry['file']} of the {self.split} split ({self.shard_url(shard_id)}) was evicted {attempts} "
+            "times before it could be read: the cache thrashes; raise data.cache_limit or lower data.shuffle_window"
+        )
 
     def close(self) -> None:
         """Stop the prefetch pool (queued downloads are dropped, running ones finish)."""

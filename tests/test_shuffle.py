@@ -136,3 +136,17 @@ def test_shuffled_stream_kinds():
         ShuffledStream(data, seed=2, shuffle="permutation", window_shards=2)
     with pytest.raises(ValueError, match="shuffle must be"):
         ShuffledStream(data, seed=2, shuffle="random")
+
+
+def test_resume_refuses_a_change_of_data_order():
+    """A checkpoint's order (data.shuffle, data.shuffle_window in its data metadata) must continue; a checkpoint
+    written before those keys existed used the permutation, and resumes with data.shuffle=permutation only."""
+    from bd3_megatron.checkpoint.sharded import CheckpointError
+    from bd3_megatron.training.resume_check import check_data_order
+
+    check_data_order("ck", {"shuffle": "feistel", "shuffle_window": 2}, {"shuffle": "feistel", "shuffle_window": 2})
+    check_data_order("ck", {}, {"shuffle": "permutation", "shuffle_window": 0})
+    with pytest.raises(CheckpointError, match="data.shuffle=permutation but this run has data.shuffle=feistel"):
+        check_data_order("ck", {}, {"shuffle": "feistel", "shuffle_window": 0})
+    with pytest.raises(CheckpointError, match="resume with data.shuffle_window=2"):
+        check_data_order("ck", {"shuffle": "feistel", "shuffle_window": 2}, {"shuffle": "feistel", "shuffle_window": 0})
