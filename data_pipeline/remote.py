@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -181,6 +182,11 @@ class StreamedRows:
         self._queued: set[int] = set()
         self._inflight: dict[int, threading.Event] = {}  # shard -> set when the thread fetching it is done
         self._dtype = np.dtype(manifest["dtype"])
+        # shard -> (its open _MemmapShard, the fetch generation it maps) while the shard is local (main thread only);
+        # every download goes through _fetch, which bumps the shard's generation, so a map of an evicted and
+        # re-downloaded file (a deleted inode holding disk space) is never reused
+        self._maps: dict[int, tuple[Any, int]] = {}
+        self._generation = np.zeros(len(self._entries), dtype=np.int64)
         self._lock = threading.Lock()
         self.downloads = 0  # shards this reader fetched (prefetch and on demand): for logs, tests and benches
 
@@ -219,13 +225,11 @@ class StreamedRows:
     def _fetch(self, shard_id: int) -> None:
         """Make the shard local (download, xxh64 check, decompress: streaming's prepare_shard, which evicts under the
         cache limit) or wait for the thread already fetching it; a local shard is only marked as just used (LRU)."""
-        from time import time_ns
-
         with self._lock:
             done = self._inflight.get(shard_id)
             if done is None:
                 if self.is_local(shard_id):
-                    self._ds._shard_access_times[shard_id] = time_ns()
+                    self._ds._shard_access_times[shard_id] = time.time_ns()
                     return
                 done = self._inflight[shard_id] = threading.Event()
                 mine = True
@@ -238,6 +242,7 @@ class StreamedRows:
             self._ds.prepare_shard(shard_id, blocking=True)
             with self._lock:
                 self.downloads += 1
+                self._generation[shard_id] += 1
         except BaseException:
             self._forget(shard_id)  # before waiters wake: they must find the shard remote, not half-fetched
             raise
@@ -284,6 +289,7 @@ class StreamedRows:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise ValueError(f"row indices must lie in [0, {len(self)}); got min {idx.min()}, max {idx.max()}")
+        self._drop_evicted_maps()
         out = np.empty((idx.size, self.seq_len), dtype=np.int64)
         starts = self._ds.sample_offset_per_shard
         which = np.searchsorted(starts, idx, side="right") - 1
@@ -294,12 +300,31 @@ class StreamedRows:
             out[sel] = self._take(s, local)
         return out
 
+    def _drop_evicted_maps(self) -> None:
+        """Forget the memory maps of shards streaming evicted, so their disk space is freed (a map of a deleted file
+        would still read correct rows, but would hold the bytes the cache limit released)."""
+        from streaming.base.dataset import _ShardState
+
+        if self._maps:
+            states = self._ds._shard_states.numpy()
+            local = int(_ShardState.LOCAL)
+            gone = [s for s, (_, gen) in self._maps.items() if states[s] != local or gen != self._generation[s]]
+            for s in gone:
+                del self._maps[s]
+
     def _take(self, shard_id: int, local: np.ndarray, attempts: int = 4) -> np.ndarray:
         """Rows at in-shard indices of one shard, read through a memory map of its cached raw MDS file (the same
         zero-copy reader as a local folder's; a map stays valid if the file is evicted while it is read)."""
         from data_pipeline.readers import _MemmapShard
 
         entry = self._entries[shard_id]
+        mapped = self._maps.get(shard_id)
+        if mapped is not None and mapped[1] == self._generation[shard_id] and self.is_local(shard_id):
+            # the warm path: no lock, no open; marked used for streaming's LRU as its get_item does
+            self._ds._shard_access_times[shard_id] = time.time_ns()
+            got = mapped[0].take(local)
+            check_token_range(got, local, self.vocab_size, f"shard {self.shard_url(shard_id)}")
+            return got
         path = Path(self._ds.streams[0].local) / self.split / entry["raw_file"]
         for _ in range(attempts):
             try:
@@ -315,6 +340,7 @@ class StreamedRows:
                 self._forget(shard_id)
                 raise self._error(shard_id, exc) from None
             check_token_range(got, local, self.vocab_size, f"shard {self.shard_url(shard_id)}")
+            self._maps[shard_id] = (shard, int(self._generation[shard_id]))
             return got
         raise StreamedDataError(
             f"shard {entry['file']} of the {self.split} split ({self.shard_url(shard_id)}) was evicted {attempts} "
