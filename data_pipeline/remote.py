@@ -49,18 +49,35 @@ def is_url(path: str) -> bool:
 
 @contextlib.contextmanager
 def _single_process_world() -> Iterator[None]:
-    """StreamingDataset reads its world from RANK/WORLD_SIZE/LOCAL_*; present this process as a world of one."""
+    """Build a StreamingDataset as a world of one process, whatever the job's world is.
+
+    StreamingDataset reads its world from RANK/WORLD_SIZE/LOCAL_*, and with torch.distributed initialised it
+    synchronises its shared-memory registration with world barriers, in which every rank of a node then registers the
+    same first free prefix at once (a FileExistsError for all but one). So: the variables say "rank 0 of 1",
+    torch.distributed looks uninitialised to it for the duration (no barriers: each rank registers its own cache
+    folder alone), and an exclusive file lock in the temp folder (where streaming keeps its own locks) serialises the
+    registrations of the processes of a machine."""
+    import fcntl
+    import tempfile
+
+    import torch.distributed as dist
+
     keys = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with open(Path(tempfile.gettempdir()) / "bd3_streaming_register.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        is_initialized = dist.is_initialized
+        dist.is_initialized = lambda: False
+        os.environ.update(keys)
+        try:
+            yield
+        finally:
+            dist.is_initialized = is_initialized
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _unreachable_hint(remote: str) -> str:

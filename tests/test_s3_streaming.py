@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -272,3 +273,22 @@ def test_training_stops_with_one_error_for_a_missing_shard_or_an_unreachable_ser
     )
     assert "after 2 attempts" in last and "S3_ENDPOINT_URL" in last
     assert time.time() - start < 120
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_and_resume_a_one_rank_run_at_dp2(s3, tmp_path, data_cache):
+    """torchrun with 2 ranks (DP=2) on one machine: each rank registers its own stream cache with mosaicml-streaming
+    (no clash of their shared memory), and the job resumes the DP=1 run's step-4 checkpoint (checkpoint.reshard) and
+    continues its sample stream at sample 4 x G (the rows themselves: test_dp_layouts_and_a_resume_...)."""
+    url = f"s3://{BUCKET}/sotu"
+    common = ("checkpoint.interval=4", "train.global_batch_size=16")
+    one = _run(_stream_args(tmp_path, data_cache, url, "train.max_steps=4", *common))
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    args = _stream_args(tmp_path, data_cache, url, "train.max_steps=6", "checkpoint.reshard=true", *common)
+    two = _run([*torchrun, str(_free_port()), "-m", "launcher.train", *args[3:]], timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "resumed from" in two.stdout and "dp=2" in two.stdout
+    recs = metrics(tmp_path / "log")
+    assert {5, 6} <= set(recs)
+    assert sorted(p.name for p in (tmp_path / "stream").glob("*/rank*")) == ["rank0", "rank1"]
