@@ -195,6 +195,7 @@ class StreamedRows:
             )
         self.shard_rows = np.asarray(self._ds.samples_per_shard, dtype=np.int64)
         self.shard_bytes = np.asarray([int(e["raw_bytes"]) for e in self._entries], dtype=np.int64)
+        self.largest_shard = largest  # bytes a shard may occupy in the cache (raw + compressed)
         self._pool = ThreadPoolExecutor(max_workers=PREFETCH_WORKERS, thread_name_prefix=f"prefetch-{split}")
         self._queued: set[int] = set()
         self._inflight: dict[int, threading.Event] = {}  # shard -> set when the thread fetching it is done
@@ -343,7 +344,7 @@ class StreamedRows:
             check_token_range(got, local, self.vocab_size, f"shard {self.shard_url(shard_id)}")
             return got
         path = Path(self._ds.streams[0].local) / self.split / entry["raw_file"]
-        for _ in range(attempts):
+        for attempt in range(attempts):
             try:
                 self._fetch(shard_id)
             except Exception as exc:
@@ -353,8 +354,10 @@ class StreamedRows:
                 got = shard.take(local)
             except FileNotFoundError:  # evicted (or a failed prefetch) between fetch and open: fetch again
                 continue
-            except Exception as exc:
+            except Exception as exc:  # a damaged cached copy (found at start, never hashed): download it once more
                 self._forget(shard_id)
+                if attempt == 0:
+                    continue
                 raise self._error(shard_id, exc) from None
             check_token_range(got, local, self.vocab_size, f"shard {self.shard_url(shard_id)}")
             self._maps[shard_id] = (shard, int(self._generation[shard_id]))

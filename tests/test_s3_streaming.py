@@ -180,8 +180,32 @@ def test_truncated_or_missing_remote_shard_is_one_clear_error_and_leaves_no_byte
 
 
 def test_cache_limit_checks(s3, tmp_path):
+    """Limits that cannot work are refused at start: below six shards (streaming's four plus two in flight), below
+    the train split with a global shuffle, below two shuffle windows."""
+    from types import SimpleNamespace
+
+    from data_pipeline.tokenizers import get_tokenizer
+    from data_pipeline.training_data import open_training_data
+
     with pytest.raises(StreamedDataError, match=r"data.cache_limit=.*too small.* >= \d+; raise data.cache_limit"):
         _open(tmp_path, f"s3://{BUCKET}/sotu", limit=5 * SHARD_BYTES)
+    d = SimpleNamespace(
+        path=f"s3://{BUCKET}/sotu",
+        stream_cache=str(tmp_path),
+        cache_dir=None,
+        cache_limit="128kib",
+        shuffle="feistel",
+        shuffle_window=0,
+        download_timeout=10.0,
+        download_retry=0,
+    )
+    with pytest.raises(ValueError, match="data.shuffle_window=0 shuffles over all 28 shards"):
+        open_training_data(d, get_tokenizer(TOK), SEQ, seed=1)
+    d.shuffle_window = 4
+    with pytest.raises(ValueError, match="cannot hold two shuffle windows of data.shuffle_window=4 shards"):
+        open_training_data(d, get_tokenizer(TOK), SEQ, seed=1)
+    d.shuffle_window = 2
+    assert open_training_data(d, get_tokenizer(TOK), SEQ, seed=1)[2]["shuffle_window"] == 2
 
 
 # ---------------------------------------------------------------- training runs (subprocesses)
