@@ -24,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,19 @@ class StreamedRows:
         self.shard_rows = np.asarray(self._ds.samples_per_shard, dtype=np.int64)
         self.shard_bytes = np.asarray([int(e["raw_bytes"]) for e in self._entries], dtype=np.int64)
         self.largest_shard = largest  # bytes a shard may occupy in the cache (raw + compressed)
-        self._pool = ThreadPoolExecutor(max_workers=PREFETCH_WORKERS, thread_name_prefix=f"prefetch-{split}")
+        # Prefetch workers are daemon threads on a plain queue (not a ThreadPoolExecutor, whose queued work Python
+        # runs to the end at exit): a run that stops, or is preempted with 300 s to save, never waits for downloads.
+        self._todo: queue.Queue[int | None] = queue.Queue()
+        # The workers hold the reader weakly, so a reader nobody uses is collected (its __del__ stops them).
+        self._workers = [
+            threading.Thread(
+                target=_prefetch_loop, args=(weakref.ref(self), self._todo), name=f"prefetch-{split}-{i}", daemon=True
+            )
+            for i in range(PREFETCH_WORKERS)
+        ]
+        self._closed = False
+        for worker in self._workers:
+            worker.start()
         self._queued: set[int] = set()
         self._inflight: dict[int, threading.Event] = {}  # shard -> set when the thread fetching it is done
         self._dtype = np.dtype(manifest["dtype"])
@@ -286,7 +299,7 @@ class StreamedRows:
                 if s in self._queued or self.is_local(s):
                     continue
                 self._queued.add(s)
-            self._pool.submit(self._prefetch_one, s)
+            self._todo.put(s)
 
     def _error(self, shard_id: int, exc: Exception) -> StreamedDataError:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -368,8 +381,38 @@ class StreamedRows:
         )
 
     def close(self) -> None:
-        """Stop the prefetch pool (queued downloads are dropped, running ones finish)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the prefetch workers (queued downloads are dropped, running ones finish: waited for) and release the
+        cache folder's registration with mosaicml-streaming, so the same folder can be opened again in this process.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._todo.get_nowait()
+        for _ in self._workers:
+            self._todo.put(None)
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join()
+        with contextlib.suppress(Exception):  # what StreamingDataset.__del__ does
+            self._ds._locals_shm.buf[:4] = np.int32(0).tobytes()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if not self._closed:
+                for _ in self._workers:
+                    self._todo.put(None)
+
+
+def _prefetch_loop(reader_ref: weakref.ref, todo: queue.Queue) -> None:
+    """A prefetch worker: fetch the reader's queued shards while it exists; None (or a collected reader) ends it."""
+    while (shard_id := todo.get()) is not None:
+        reader = reader_ref()
+        if reader is None:
+            return
+        reader._prefetch_one(shard_id)
+        del reader
 
 
 def stream_cache_folder(base: str, remote: str, manifest: dict[str, Any], rank: int) -> Path:

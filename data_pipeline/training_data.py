@@ -54,25 +54,36 @@ def open_training_data(
             download_timeout=d.download_timeout,
             download_retry=d.download_retry,
         )
-        train_bytes = int(sum(int(n) for n in train.shard_bytes))
-        if limit is not None and limit < train_bytes:
-            if d.shuffle_window == 0:
-                raise ValueError(
-                    f"data.cache_limit={d.cache_limit} is below the train split's {train_bytes} bytes, and "
-                    f"data.shuffle_window=0 shuffles over all {train.num_shards} shards (every step would download "
-                    "shards anew); set data.shuffle_window to a number of shards whose two windows fit the limit"
-                )
-            two_windows = (2 * d.shuffle_window + 2) * train.largest_shard  # current + prefetched + in flight
-            if limit < two_windows:
-                raise ValueError(
-                    f"data.cache_limit={d.cache_limit} cannot hold two shuffle windows of data.shuffle_window="
-                    f"{d.shuffle_window} shards of up to {train.largest_shard} bytes ({two_windows} bytes with the "
-                    "downloads in flight), so shards would be downloaded again within a window; raise "
-                    "data.cache_limit or lower data.shuffle_window"
-                )
+        try:
+            _check_limit(d, limit, train)
+        except ValueError:
+            train.close()
+            val.close()
+            raise
     else:
         from data_pipeline.readers import build_datasets
 
         train, val, info = build_datasets(d.path, tokenizer, seq_len, d.val_docs, d.cache_dir, verify=d.verify_shards)
     stream = ShuffledStream(train, seed=seed, shuffle=d.shuffle, window_shards=d.shuffle_window)
     return train, val, {**info, "shuffle": d.shuffle, "shuffle_window": d.shuffle_window}, stream
+
+
+def _check_limit(d: Any, limit: int | None, train: Any) -> None:
+    """Refuse a cache limit under which the shuffle would download shards again and again (ValueError, one line)."""
+    train_bytes = int(sum(int(n) for n in train.shard_bytes))
+    if limit is None or limit >= train_bytes:
+        return
+    if d.shuffle_window == 0:
+        raise ValueError(
+            f"data.cache_limit={d.cache_limit} is below the train split's {train_bytes} bytes, and "
+            f"data.shuffle_window=0 shuffles over all {train.num_shards} shards (every step would download "
+            "shards anew); set data.shuffle_window to a number of shards whose two windows fit the limit"
+        )
+    two_windows = (2 * d.shuffle_window + 2) * train.largest_shard  # current + prefetched + in flight
+    if limit < two_windows:
+        raise ValueError(
+            f"data.cache_limit={d.cache_limit} cannot hold two shuffle windows of data.shuffle_window="
+            f"{d.shuffle_window} shards of up to {train.largest_shard} bytes ({two_windows} bytes with the "
+            "downloads in flight), so shards would be downloaded again within a window; raise "
+            "data.cache_limit or lower data.shuffle_window"
+        )
