@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +87,25 @@ class DataConfig:
     # outside the vocabulary (about 1 GiB/s per process); false skips that read. The rows each step reads are
     # checked against the vocabulary either way.
     verify_shards: bool = True
+    # row order of each epoch: feistel (a keyed Feistel bijection: O(batch) memory and no epoch-boundary cost at any
+    # corpus size) | permutation (one materialised permutation of all rows per epoch; the order of checkpoints written
+    # before this key existed: resume those with data.shuffle=permutation)
+    shuffle: str = "feistel"
+    # feistel only: shards per shuffle window (0: one window over all rows, a uniform global shuffle). With k > 0 an
+    # epoch visits the shards in a keyed order k at a time and shuffles the rows within those k shards, so streamed
+    # data needs about two windows of shards on local disk (data.cache_limit)
+    shuffle_window: int = 0
+    # stream a prepared folder through mosaicml-streaming (download on demand, local cache, eviction, prefetch):
+    # always for a data.path URL (s3://bucket/prefix, gs://, oci://, ...; S3_ENDPOINT_URL selects an S3-compatible
+    # server), and for a local prepared folder when this is set (the folder is then read as a remote). The cache
+    # folder for the streamed shards (one subfolder per dataset and rank); None: <data.cache_dir>/stream
+    stream_cache: str | None = None
+    # the most bytes each split's stream cache holds per rank, as bytes or with a unit (20gb, 512mib); None: no limit.
+    # Least recently used shards are evicted. At least 4 x the largest shard (mosaicml-streaming's rule); a limit
+    # below the train split's size needs data.shuffle_window > 0 (a global shuffle would re-download every step)
+    cache_limit: str | int | None = None
+    download_timeout: float = 60.0  # streamed data: seconds one shard download may take before it is retried
+    download_retry: int = 2  # streamed data: retries of a failed shard download before the run stops with an error
 
 
 @dataclass
@@ -343,6 +363,43 @@ def _require_finite(cfg: Config) -> None:
             )
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_BYTE_UNITS.update(kib=2**10, mib=2**20, gib=2**30, tib=2**40)
+
+
+def parse_bytes(value: str | int) -> int:
+    """A byte count from an int or a string like "20gb", "512 MiB", "1.5tb" (decimal kb/mb/gb/tb, binary kib/...).
+    Raises ValueError naming the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if unit not in _BYTE_UNITS:
+        raise ValueError(
+            f"{value!r} is not a byte size; write bytes or a number with b, kb, mb, gb, tb, kib, mib, gib, tib"
+        )
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def _validate_data(d: DataConfig) -> None:
+    from data_pipeline.shuffle import SHUFFLES
+
+    _require(d.shuffle in SHUFFLES, f"data.shuffle must be {'|'.join(SHUFFLES)}, got {d.shuffle!r}")
+    _require(d.shuffle_window >= 0, f"data.shuffle_window must be >= 0 (0: the whole dataset), got {d.shuffle_window}")
+    _require(
+        d.shuffle == "feistel" or d.shuffle_window == 0,
+        "data.shuffle_window needs data.shuffle=feistel (the permutation shuffle is global); set data.shuffle_window=0",
+    )
+    if d.cache_limit is not None:
+        try:
+            limit = parse_bytes(d.cache_limit)
+        except ValueError as exc:
+            raise ConfigError(f"data.cache_limit: {exc}") from None
+        _require(limit > 0, f"data.cache_limit must be > 0 bytes (null: no limit), got {d.cache_limit!r}")
+    _require(d.download_timeout > 0, f"data.download_timeout must be > 0 seconds, got {d.download_timeout}")
+    _require(d.download_retry >= 0, f"data.download_retry must be >= 0, got {d.download_retry}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not depend on the number of processes."""
     _require_finite(cfg)
@@ -409,6 +466,7 @@ def validate(cfg: Config) -> None:
         cfg.data.val_docs >= 1,
         f"data.val_docs must be >= 1 (documents held out for validation), got {cfg.data.val_docs}",
     )
+    _validate_data(cfg.data)
     _require(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
     _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")

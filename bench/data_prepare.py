@@ -6,8 +6,8 @@ Prepares the input as MDS with 1 and 2 tokenizer workers (and webdataset with th
 times one reader process on the prepared train split:
   - global-index path (what the trainer uses): ShuffledStream(open_rows(...)).get(batch of indices), MDS and
     webdataset, i.e. a random gather of `--batch` rows per call through np.memmap;
-  - mosaicml-streaming's StreamingDataset random access (ds[i]) on the same shards, the alternative to memmap;
-  - StreamingReader.next_batch (shuffled StreamingDataset iteration from a local "remote" copy).
+  - mosaicml-streaming's StreamingDataset random access (ds[i]) on the same shards, the alternative to memmap.
+Streaming from object storage (a local S3 server, cold and warm cache): bench/data_stream.py.
 The estimate: 128 GPUs at 90K tokens/s/GPU (DESIGN.md §8 baseline) need 128*90K/seq_len samples/s; one
 reader process per GPU rank (the trainer reads synchronously in each rank) must deliver 90K/seq_len.
 Shards sit in the page cache after preparation, so these are CPU-bound figures, not disk or network ones.
@@ -35,7 +35,7 @@ import streaming  # noqa: E402,F401  imported up front: its ~2 s import would la
 
 from data_pipeline.dataset import ShuffledStream  # noqa: E402
 from data_pipeline.prepare import PrepareSettings, prepare  # noqa: E402
-from data_pipeline.readers import StreamingReader, open_rows  # noqa: E402
+from data_pipeline.readers import open_rows  # noqa: E402
 
 GPUS = 128
 TOKENS_PER_GPU = 90_000
@@ -143,20 +143,7 @@ def main() -> None:
 
         calls, elapsed = _timed(getitem, args.seconds)
         results["StreamingDataset ds[i]"] = _report("StreamingDataset ds[i] (random)", calls * B, elapsed, L)
-        del ds, getitem  # release the dataset's shared memory before the next reader
-
-        reader = StreamingReader(
-            str(work / "mds2"),
-            "train",
-            local=str(work / "cache"),
-            expect_tokenizer=args.tokenizer,
-            expect_seq_len=L,
-            global_batch_size=B,
-            seed=1,
-        )
-        calls, elapsed = _timed(reader.next_batch, args.seconds)
-        reader.close()
-        results["StreamingReader"] = _report(f"StreamingReader.next_batch ({B})", calls * B, elapsed, L)
+        del ds, getitem  # release the dataset's shared memory
 
         need = GPUS * TOKENS_PER_GPU / L
         print(

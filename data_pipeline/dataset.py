@@ -21,6 +21,7 @@ import torch
 from bd3_megatron.io import atomic_write, atomic_write_text
 from data_pipeline.corpus import read_documents, source_files
 from data_pipeline.packing import pack_wrap
+from data_pipeline.shuffle import SHUFFLES, KeyedShuffle
 from data_pipeline.tokenizers import Tokenizer
 
 _CACHE_VERSION = 2  # 2: documents that tokenize to nothing are dropped (1 packed a stray EOS for each)
@@ -95,18 +96,41 @@ class InMemoryRows:
 
 
 class ShuffledStream:
-    """Global sample index -> row: epoch = i // N, row = perm(seed, epoch)[i % N]."""
+    """Global sample index -> row: epoch = i // N, and the row order of each epoch is keyed only by (seed, epoch).
 
-    def __init__(self, dataset: TokenRows, seed: int) -> None:
+    shuffle (data.shuffle): "feistel" (data_pipeline.shuffle.KeyedShuffle: a keyed Feistel bijection, O(batch)
+    memory, with optional shuffle windows of ``window_shards`` shards) or "permutation" (a materialised
+    ``PCG64([seed, epoch]).permutation(N)`` per epoch: O(N) memory and time at each epoch boundary; the order of
+    checkpoints written before data.shuffle existed, kept so those runs resume with their order).
+
+    Prefetch: when the dataset has ``prefetch(shard_ids)`` (a streamed dataset, data_pipeline.remote), each ``get``
+    first hands it the shards of the shuffle window the request falls in and of the next window (the order is a pure
+    function of (seed, index), so the future windows are known). They download in the background while the steps
+    read the current window, so a step waits only when a download falls behind (or the first window is cold).
+    """
+
+    def __init__(self, dataset: TokenRows, seed: int, shuffle: str = "permutation", window_shards: int = 0) -> None:
         if len(dataset) == 0:
             raise ValueError("cannot sample from an empty dataset; lower seq_len or add documents")
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+        if shuffle == "permutation" and window_shards:
+            raise ValueError("shuffle windows need shuffle=feistel; the permutation shuffle is global")
         self.dataset = dataset
         self.seed = int(seed)
+        self.shuffle = shuffle
         self.seq_len: int = dataset.seq_len
         self.pad_token_id: int | None = dataset.pad_token_id
         self._perm_cache: dict[int, np.ndarray] = {}
+        shard_rows = getattr(dataset, "shard_rows", None)
+        self._keyed = KeyedShuffle(
+            [len(dataset)] if shard_rows is None else shard_rows,
+            self.seed,
+            window_shards if shuffle == "feistel" else 0,
+        )
+        self._prefetched: tuple[int, int] | None = None
 
     @property
     def epoch_length(self) -> int:
@@ -114,7 +138,7 @@ class ShuffledStream:
         return len(self.dataset)
 
     def epoch_permutation(self, epoch: int) -> np.ndarray:
-        """Row order of one epoch; depends only on (seed, epoch)."""
+        """Row order of one epoch for shuffle="permutation"; depends only on (seed, epoch)."""
         perm = self._perm_cache.get(epoch)
         if perm is None:
             rng = np.random.Generator(np.random.PCG64([self.seed, int(epoch)]))
@@ -129,6 +153,8 @@ class ShuffledStream:
         idx = np.asarray(sample_indices, dtype=np.int64).reshape(-1)
         if idx.size and idx.min() < 0:
             raise ValueError(f"global sample indices must be non-negative, got {idx.min()}")
+        if self.shuffle == "feistel":
+            return self._keyed.rows(idx)
         n = self.epoch_length
         epochs, positions = np.divmod(idx, n)
         out = np.empty_like(idx)
@@ -137,8 +163,25 @@ class ShuffledStream:
             out[sel] = self.epoch_permutation(int(epoch))[positions[sel]]
         return out
 
+    def upcoming_shards(self, sample_index: int) -> np.ndarray:
+        """Shards the window of ``sample_index`` and the window after it read (all shards for a global shuffle)."""
+        k = self._keyed
+        epoch, window = k.locate(sample_index)
+        nxt = (epoch, window + 1) if window + 1 < k.num_windows else (epoch + 1, 0)
+        return np.unique(np.concatenate([k.window_shard_ids(epoch, window), k.window_shard_ids(*nxt)]))
+
+    def _prefetch(self, idx: np.ndarray) -> None:
+        prefetch = getattr(self.dataset, "prefetch", None)
+        if prefetch is None or idx.size == 0:
+            return
+        where = self._keyed.locate(int(idx.max()))
+        if where != self._prefetched:  # once per window: the pool skips shards already local or queued
+            self._prefetched = where
+            prefetch(self.upcoming_shards(int(idx.max())))
+
     def get(self, sample_indices: np.ndarray) -> torch.Tensor:
         """LongTensor [n, seq_len] of the rows for these global sample indices."""
+        self._prefetch(np.asarray(sample_indices, dtype=np.int64).reshape(-1))
         return torch.from_numpy(self.dataset.rows(self.row_indices(sample_indices)))
 
     def get_with_padding(self, sample_indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:

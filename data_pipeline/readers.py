@@ -1,26 +1,17 @@
-"""Readers for prepared shards: random access for the trainer, streaming for remote data.
+"""Readers for prepared shards: random access by global row index for the trainer.
 
-1. ``open_rows`` / ``build_datasets`` (the trainer's path). ``ShardRows`` is a ``TokenRows`` over the MDS or
-   webdataset shards of one split, read zero-copy through np.memmap: the trainer keeps asking
-   ``ShuffledStream(rows, seed).get(global_indices)``, so every parallel layout sees the same data and a
-   resume at consumed sample i is exact by construction. Zstd MDS shards are decompressed once into a
-   content-addressed cache; webdataset shards are addressed through a cached member-offset index.
-2. ``StreamingReader``: mosaicml-streaming's StreamingDataset over a local or remote (s3://, gs://, ...)
-   copy of the MDS shards, for when the data cannot sit on a local/shared disk. Deterministic shuffle,
-   ``state_dict``/``load_state_dict`` that continue with exactly the next samples, elastic over the
-   data-parallel size (the union of the ranks' samples at each global step equals the DP=1 batch).
-3. ``WebDatasetStream``: webdataset tar shards resampled with replacement (``resampled=True`` style); its
-   resume policy is documented on the class: deterministic, but a fresh draw, not a replay.
+``open_rows`` / ``build_datasets``: ``ShardRows`` is a ``TokenRows`` over the MDS or webdataset shards of one split of
+a local (or shared-file-system) prepared folder, read zero-copy through np.memmap: the trainer keeps asking
+``ShuffledStream(rows, seed).get(global_indices)``, so every parallel layout sees the same data and a resume at
+consumed sample i is exact by construction. Zstd MDS shards are decompressed once into a content-addressed cache;
+webdataset shards are addressed through a cached member-offset index. A prepared folder in object storage is read
+behind the same contract by data_pipeline.remote (mosaicml-streaming, a local cache, eviction, prefetch);
+data_pipeline.training_data picks the reader from the config.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import math
-import os
-import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -136,6 +127,11 @@ class ShardRows:
     @property
     def num_shards(self) -> int:
         return len(self._shards)
+
+    @property
+    def shard_rows(self) -> np.ndarray:
+        """Rows of each shard in stored order, int64 [num_shards] (the shuffle windows group whole shards)."""
+        return np.diff(self._starts)
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -356,275 +352,3 @@ def build_datasets(
         val = open_rows(path_or_source, "val", tokenizer.name, seq_len, **kw)
         return train, val, _prepared_info(path_or_source, manifest)
     return build_text_datasets(path_or_source, tokenizer, seq_len, val_docs, cache_dir)
-
-
-# ---------------------------------------------------------------- mosaicml-streaming (remote MDS)
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def fetch_manifest(remote: str, local: str, timeout: float = 60.0) -> dict[str, Any]:
-    """The manifest of a prepared dataset at a local path or an object-store URL (downloaded into `local`)."""
-    if not _is_url(remote):
-        return shards.load_manifest(remote)
-    from streaming.base.storage import CloudDownloader
-
-    Path(local).mkdir(parents=True, exist_ok=True)
-    target = Path(local) / shards.MANIFEST_NAME
-    target.unlink(missing_ok=True)  # never trust a stale copy
-    CloudDownloader.direct_download(f"{remote.rstrip('/')}/{shards.MANIFEST_NAME}", str(target), timeout)
-    return shards.load_manifest(local)
-
-
-@contextlib.contextmanager
-def _single_process_world() -> Iterator[None]:
-    """StreamingDataset reads its world from RANK/WORLD_SIZE; present this process as a world of one."""
-    keys = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class StreamingReader:
-    """Global batches of one split via mosaicml-streaming's StreamingDataset, sliced for one data-parallel rank.
-
-    remote: the prepared folder (local path or s3://, gs://, oci://, hf:// ... URL); local: a cache folder that
-    must be distinct for every reader alive on one machine (e.g. f"{cache}/rank{global_rank}").
-
-    The world streaming sees is the data-parallel group, not the process world (tensor/pipeline peers
-    must read the same rows): each reader is built as a one-process world, then its iteration position is
-    set to DP rank `dp_rank` of `dp` (streaming's "parallel" world, the hook its `replication` option uses).
-    Sample order depends only on (seed, num_canonical_nodes, global_batch_size): rank r's batch at step s is
-    its share of the DP=1 batch at step s for every dp dividing num_canonical_nodes (the default 128 covers
-    the power-of-two layouts up to 128 ranks), and a resumed run continues with the next batch.
-    An epoch is the whole steps that fit (epoch_size // global_batch_size); the partial last step is skipped.
-    If torch.distributed is initialised, StreamingDataset ends its constructor with a barrier over the
-    world group, so build the reader on every rank.
-    """
-
-    def __init__(
-        self,
-        remote: str,
-        split: str,
-        *,
-        local: str,
-        expect_tokenizer: str,
-        expect_seq_len: int,
-        global_batch_size: int,
-        seed: int,
-        dp_rank: int = 0,
-        dp: int = 1,
-        num_canonical_nodes: int = 128,
-        shuffle_block_size: int | None = None,
-        download_timeout: float = 60.0,
-    ) -> None:
-        from streaming import StreamingDataset
-        from streaming.base.world import World
-
-        if dp < 1 or not 0 <= dp_rank < dp:
-            raise ValueError(f"need 0 <= dp_rank < dp, got dp_rank={dp_rank}, dp={dp}")
-        if global_batch_size < 1 or global_batch_size % dp:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of dp={dp}")
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
-        if num_canonical_nodes < 1 or num_canonical_nodes % dp:
-            raise ValueError(
-                f"num_canonical_nodes={num_canonical_nodes} must be a multiple of dp={dp} (streaming pads "
-                "the order otherwise); use a multiple of every dp the run may use, e.g. 128"
-            )
-        self.manifest = fetch_manifest(remote, local, download_timeout)
-        if self.manifest["format"] != "mds":
-            raise ValueError(
-                f"StreamingReader reads MDS shards; {remote} holds {self.manifest['format']} shards "
-                "(use open_rows or WebDatasetStream for webdataset)"
-            )
-        shards.check_compatible(self.manifest, expect_tokenizer, expect_seq_len, where=remote)
-        self.split, self.seed, self.dp_rank, self.dp = split, seed, dp_rank, dp
-        self.global_batch_size, self.num_canonical_nodes = global_batch_size, num_canonical_nodes
-        self.per_rank = global_batch_size // dp
-        with _single_process_world():
-            self._ds = StreamingDataset(
-                remote=remote,
-                local=local,
-                split=split,
-                shuffle=True,
-                shuffle_seed=seed,
-                shuffle_algo="py1e",
-                shuffle_block_size=shuffle_block_size,
-                num_canonical_nodes=num_canonical_nodes,
-                batch_size=self.per_rank,
-                partition_algo="relaxed",
-                download_timeout=download_timeout,
-            )
-        self._ds._parallel_rank_world = World(num_nodes=dp, ranks_per_node=1, workers_per_rank=1, worker=dp_rank)
-        self._ds.length = math.ceil(self._ds.epoch_size / dp)
-        self.steps_per_epoch = int(self._ds.epoch_size) // global_batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the {split} split has {self._ds.epoch_size} rows, fewer than one global batch of {global_batch_size}"
-            )
-        self.epoch, self.step_in_epoch = 0, 0
-        self._initial_dp = dp
-        self._iter: Iterator[dict[str, Any]] | None = None
-
-    @property
-    def consumed_samples(self) -> int:
-        """Global samples consumed so far (all ranks, all epochs)."""
-        return (self.epoch * self.steps_per_epoch + self.step_in_epoch) * self.global_batch_size
-
-    def _start_epoch(self) -> None:
-        self._ds.load_state_dict(
-            {
-                "epoch": self.epoch,
-                "sample_in_epoch": self.step_in_epoch * self.global_batch_size,
-                "num_canonical_nodes": self.num_canonical_nodes,
-                "shuffle_seed": self.seed,
-                "initial_physical_nodes": self._initial_dp,
-            }
-        )
-        self._iter = iter(self._ds)
-
-    def next_batch(self) -> np.ndarray:
-        """This rank's rows of the next global step: int64 [global_batch_size // dp, seq_len]."""
-        if self._iter is None:
-            self._start_epoch()
-        rows = [sample[shards.TOKENS_COLUMN] for _, sample in zip(range(self.per_rank), self._iter)]
-        if len(rows) != self.per_rank:
-            raise RuntimeError(
-                f"streaming yielded {len(rows)} of {self.per_rank} rows for step {self.step_in_epoch} "
-                f"of epoch {self.epoch}; the shards changed under the reader"
-            )
-        self.step_in_epoch += 1
-        if self.step_in_epoch == self.steps_per_epoch:
-            self.epoch, self.step_in_epoch, self._iter = self.epoch + 1, 0, None
-        return np.stack(rows).astype(np.int64)
-
-    def close(self) -> None:
-        """Stop StreamingDataset's download-ahead threads (before deleting its cache or remote folder)."""
-        iterator = getattr(self._ds, "_iterator", None)
-        if iterator is not None:
-            iterator.exit()
-        self._iter = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position; store it in every checkpoint (identical on all ranks)."""
-        return {
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "consumed_samples": self.consumed_samples,
-            "global_batch_size": self.global_batch_size,
-            "seed": self.seed,
-            "num_canonical_nodes": self.num_canonical_nodes,
-            "initial_dp": self._initial_dp,
-            "split": self.split,
-            "documents_sha256": self.manifest["source"]["documents_sha256"],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the position `state` was saved at (any dp dividing the global batch)."""
-        for key in ("global_batch_size", "seed", "num_canonical_nodes", "split"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"reader state was saved with {key}={state[key]!r} but this reader has "
-                    f"{getattr(self, key)!r}; resume with the same data settings"
-                )
-        if state["documents_sha256"] != self.manifest["source"]["documents_sha256"]:
-            raise ValueError(
-                "reader state belongs to a different prepared dataset (documents_sha256 differs); "
-                "resume on the data the run started with"
-            )
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        self._initial_dp = int(state["initial_dp"])
-        self._iter = None
-
-
-# ---------------------------------------------------------------- webdataset (resampled)
-
-
-class WebDatasetStream:
-    """An endless stream of rows from webdataset tar shards, shards drawn with replacement (resampled=True).
-
-    Each rank draws shards from its own seeded generator and shuffles rows in a buffer, so ranks see
-    independent streams and an epoch has no edges. Resume policy: the state is (seed, rank, rows consumed);
-    after load_state_dict the stream is re-seeded from that triple. It is deterministic (two restarts from
-    one state read the same rows) and unbiased, but it is a fresh draw, not a replay of what the
-    uninterrupted run would have read next. Runs that need exact resumption read the same tar shards through
-    open_rows and the trainer's global sample index instead.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        split: str,
-        *,
-        expect_tokenizer: str,
-        expect_seq_len: int,
-        seed: int,
-        dp_rank: int = 0,
-        dp: int = 1,
-        shuffle_buffer: int = 1000,
-    ) -> None:
-        if dp < 1 or not 0 <= dp_rank < dp:
-            raise ValueError(f"need 0 <= dp_rank < dp, got dp_rank={dp_rank}, dp={dp}")
-        if _is_url(path):
-            raise ValueError("WebDatasetStream reads a local or mounted prepared folder; give its path")
-        manifest = shards.load_manifest(path)
-        if manifest["format"] != "wds":
-            raise ValueError(f"{path} holds {manifest['format']} shards; WebDatasetStream reads --format wds")
-        shards.check_compatible(manifest, expect_tokenizer, expect_seq_len, where=path)
-        folder = shards.split_folder(Path(path), split)
-        self.urls = [str(folder / e["file"]) for e in manifest["splits"][split]["shards"]]
-        for url, entry in zip(self.urls, manifest["splits"][split]["shards"]):
-            _check_shard_file(Path(url), entry, split, verify=False)
-        self.seq_len = int(manifest["seq_len"])
-        self.seed, self.dp_rank, self.dp, self.shuffle_buffer = seed, dp_rank, dp, shuffle_buffer
-        self.consumed = 0
-        self._iter: Iterator[np.ndarray] | None = None
-
-    def _stream(self) -> Iterator[np.ndarray]:
-        import webdataset as wds
-
-        # Integers only: webdataset's make_seed hashes its arguments and str hashes vary per process.
-        stream_seed = wds.utils.make_seed(self.seed, self.dp_rank, self.consumed)
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=stream_seed, worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(stream_seed)),
-        )
-        for sample in pipeline:
-            yield np.load(io.BytesIO(sample[shards.TOKENS_COLUMN + ".npy"]), allow_pickle=False)
-
-    def next_batch(self, n: int) -> np.ndarray:
-        """The next n rows of this rank: int64 [n, seq_len]."""
-        if self._iter is None:
-            self._iter = self._stream()
-        rows = [next(self._iter) for _ in range(n)]
-        self.consumed += n
-        return np.stack(rows).astype(np.int64)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "dp_rank": self.dp_rank,
-            "dp": self.dp,
-            "consumed": self.consumed,
-            "policy": "resampled: reseed from (seed, dp_rank, consumed)",
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["seed"], state["dp_rank"], state["dp"]) != (self.seed, self.dp_rank, self.dp):
-            raise ValueError(
-                f"stream state was saved for seed/dp_rank/dp {state['seed']}/{state['dp_rank']}/"
-                f"{state['dp']}, this stream is {self.seed}/{self.dp_rank}/{self.dp}"
-            )
-        self.consumed = int(state["consumed"])
-        self._iter = None

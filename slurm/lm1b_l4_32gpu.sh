@@ -36,6 +36,9 @@
 #   VENV, PYTHON   Python environment (default: $BD3_ROOT/.venv, $VENV/bin/python; see scripts/setup_env.sh)
 #   CONFIG         recipe (default: configs/lm1b_l4.yaml)
 #   DATA_PATH      training data: prepared shards, a folder of .txt, or .jsonl[.gz]  (-> data.path)
+#                  or a bucket URL of prepared MDS shards (s3://bucket/owt, gs://...): streamed into a node-local
+#                  cache; pass data.stream_cache=/local/disk data.cache_limit=200gb data.shuffle_window=64 as
+#                  overrides, S3_ENDPOINT_URL and AWS_* pass through to the ranks (README: streaming from a bucket)
 #   RUN_DIR        log directory with metrics.jsonl (-> log.dir; default from the config: runs/lm1b_l4)
 #   CKPT_DIR       checkpoint directory on a shared filesystem (-> checkpoint.dir; default $RUN_DIR/checkpoints)
 #   INIT_FROM      start from another run's weights, e.g. the L'=1024 pretrain (-> checkpoint.init_from);

@@ -111,6 +111,14 @@ def test_presets_fill_sizes_but_explicit_keys_win():
         ({}, ["optim.betas=[0.9, .nan]"], "optim.betas must be a finite number"),
         ({}, ["log.variance_warn_factor=.inf"], "log.variance_warn_factor must be a finite number"),
         ({}, ["checkpoint.allow_changes=[model.hidden_size]"], "'model.hidden_size' cannot be allowed"),
+        # issue 17: data at scale
+        ({}, ["data.shuffle=random"], "data.shuffle must be feistel|permutation, got 'random'"),
+        ({}, ["data.shuffle_window=-1"], "data.shuffle_window must be >= 0"),
+        ({}, ["data.shuffle=permutation", "data.shuffle_window=4"], "data.shuffle_window needs data.shuffle=feistel"),
+        ({}, ["data.cache_limit=20 parsecs"], "data.cache_limit: '20 parsecs' is not a byte size"),
+        ({}, ["data.cache_limit=0"], "data.cache_limit must be > 0 bytes"),
+        ({}, ["data.download_timeout=0"], "data.download_timeout must be > 0"),
+        ({}, ["data.download_retry=-1"], "data.download_retry must be >= 0"),
         ({}, ["nodot=3"], "must be section.key"),
         ({}, ["model.block_size"], "not of the form"),
     ],
@@ -203,3 +211,16 @@ def test_cuda_without_a_gpu_is_one_error_line_before_any_work(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == "error: parallel.device=cuda but no CUDA device is visible; use parallel.device=cpu or auto"
     assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt").exists()  # refused before any work
+
+
+def test_parse_bytes():
+    from bd3_megatron.config import parse_bytes
+
+    assert parse_bytes(123) == 123
+    assert parse_bytes("20gb") == 20 * 10**9
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("1.5tb") == 1.5e12
+    assert parse_bytes("4096") == 4096
+    for bad in ("", "gb", "-1gb", "1e3"):
+        with pytest.raises(ValueError, match="not a byte size"):
+            parse_bytes(bad)

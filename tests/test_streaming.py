@@ -1,7 +1,8 @@
 """Readers over prepared shards: refusal of mismatched or damaged shards, and exact mid-epoch resume.
 
-Resume is checked against a restart in a fresh process, for the trainer's global-index path (the real
-ShuffledStream over open_rows) and for the mosaicml-streaming reader, plus DP=2 against DP=1.
+Resume is checked against a restart in a fresh process for the trainer's global-index path (the real
+ShuffledStream over open_rows), plus DP=2 against DP=1; a local folder read as a streaming remote gives the same rows
+(object storage itself: tests/test_s3_streaming.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import xxhash
 from data_pipeline.corpus import embedded_corpus_files
 from data_pipeline.dataset import InMemoryRows, ShuffledStream
 from data_pipeline.prepare import PrepareSettings, prepare
-from data_pipeline.readers import ShardRows, StreamingReader, WebDatasetStream, _TarShard, build_datasets, open_rows
+from data_pipeline.readers import ShardRows, _TarShard, build_datasets, open_rows
 from data_pipeline.tokenizers import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +54,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture()
-def clean_shm() -> None:
-    """StreamingDataset keeps state in shared memory; drop leftovers of crashed runs."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-
-
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
     shutil.copytree(src, dst)
@@ -87,50 +80,49 @@ def test_tokenizer_seq_len_and_vocab_mismatch_refused_at_start(prepared: dict[st
         build_datasets(path, get_tokenizer("gpt2"), SEQ, val_docs=2, cache_dir=None)
 
 
-def test_streaming_reader_refuses_mismatch(prepared: dict[str, Path], tmp_path: Path, clean_shm: None) -> None:
+def test_streamed_reader_refuses_mismatch_and_webdataset(prepared: dict[str, Path], tmp_path: Path) -> None:
+    from data_pipeline.remote import StreamedDataError, open_streamed
+
+    kw = dict(cache=str(tmp_path), rank=0, cache_limit=None, download_timeout=10, download_retry=0)
     with pytest.raises(ValueError, match="seq_len 32 but the config asks for 128"):
-        StreamingReader(
-            str(prepared["mds"]),
-            "train",
-            local=str(tmp_path / "c"),
-            expect_tokenizer=TOK,
-            expect_seq_len=128,
-            global_batch_size=G,
-            seed=SEED,
-        )
-    with pytest.raises(ValueError, match="reads MDS shards"):
-        StreamingReader(
-            str(prepared["wds"]),
-            "train",
-            local=str(tmp_path / "c2"),
-            expect_tokenizer=TOK,
-            expect_seq_len=SEQ,
-            global_batch_size=G,
-            seed=SEED,
-        )
-    with pytest.raises(ValueError, match="multiple of dp=3"):
-        StreamingReader(
-            str(prepared["mds"]),
-            "train",
-            local=str(tmp_path / "c3"),
-            expect_tokenizer=TOK,
-            expect_seq_len=SEQ,
-            global_batch_size=G,
-            seed=SEED,
-            dp=3,
-        )
-    with pytest.raises(ValueError, match="num_canonical_nodes=2 must be a multiple of dp=4"):
-        StreamingReader(
-            str(prepared["mds"]),
-            "train",
-            local=str(tmp_path / "c4"),
-            expect_tokenizer=TOK,
-            expect_seq_len=SEQ,
-            global_batch_size=G,
-            seed=SEED,
-            dp=4,
-            num_canonical_nodes=2,
-        )
+        open_streamed(str(prepared["mds"]), TOK, 128, 30522, **kw)
+    with pytest.raises(StreamedDataError, match="holds wds shards; streaming reads MDS"):
+        open_streamed(str(prepared["wds"]), TOK, SEQ, 30522, **kw)
+
+
+@pytest.mark.parametrize("name", ["mds", "zstd"])
+def test_local_folder_streamed_as_a_remote_equals_the_memory_map(
+    prepared: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    """data.stream_cache set on a local prepared folder: the folder is read as a remote through mosaicml-streaming
+    (copied shard by shard into the cache, zstd decompressed there) and gives the rows the memory map gives."""
+    from types import SimpleNamespace
+
+    from data_pipeline.training_data import open_training_data
+
+    d = SimpleNamespace(
+        path=str(prepared[name]),
+        stream_cache=str(tmp_path / "cache"),
+        cache_limit=None,
+        cache_dir=None,
+        val_docs=2,
+        verify_shards=True,
+        shuffle="feistel",
+        shuffle_window=2,
+        download_timeout=10.0,
+        download_retry=0,
+    )
+    train, val, info, stream = open_training_data(d, get_tokenizer(TOK), SEQ, seed=SEED)
+    assert info["streamed_from"] == str(prepared[name]) and info["shuffle_window"] == 2
+    local = open_rows(str(prepared["mds"]), "train", TOK, SEQ)
+    want = ShuffledStream(local, seed=SEED, shuffle="feistel", window_shards=2)
+    idx = np.arange(0, 3 * len(local), 5)
+    np.testing.assert_array_equal(stream.get(idx).numpy(), want.get(idx).numpy())
+    np.testing.assert_array_equal(
+        val.rows(np.arange(len(val))), open_rows(str(prepared["mds"]), "val", TOK, SEQ).rows(np.arange(len(val)))
+    )
+    train.close()
+    val.close()
 
 
 def test_missing_and_corrupt_mds_shards_are_named(prepared: dict[str, Path], tmp_path: Path) -> None:
@@ -362,48 +354,26 @@ _RESTART = r"""
 import json, sys
 import numpy as np
 from data_pipeline.dataset import ShuffledStream
-from data_pipeline.readers import StreamingReader, open_rows
+from data_pipeline.readers import open_rows
 a = json.loads(sys.argv[1])
 out = {}
-for fmt in ("mds", "wds"):
-    stream = ShuffledStream(open_rows(a[fmt], "train", a["tok"], a["seq"]), seed=a["seed"])
-    out[fmt] = np.stack([stream.get(np.arange(s * a["G"], (s + 1) * a["G"])).numpy()
+for fmt, kind, window in (("mds", "permutation", 0), ("wds", "permutation", 0), ("mds", "feistel", 2)):
+    stream = ShuffledStream(open_rows(a[fmt], "train", a["tok"], a["seq"]), a["seed"], kind, window)
+    out[f"{fmt}-{kind}"] = np.stack([stream.get(np.arange(s * a["G"], (s + 1) * a["G"])).numpy()
                          for s in range(a["resume_step"], a["end_step"])])
-reader = StreamingReader(a["mds"], "train", local=a["local"], expect_tokenizer=a["tok"], expect_seq_len=a["seq"],
-                         global_batch_size=a["G"], seed=a["seed"], num_canonical_nodes=2)
-reader.load_state_dict(a["state"])
-out["streaming"] = np.stack([reader.next_batch() for _ in range(a["resume_step"], a["end_step"])])
 np.savez(a["out"], **out)
 """
 
 
-def test_mid_epoch_resume_in_a_fresh_process_is_exact(
-    prepared: dict[str, Path], tmp_path: Path, clean_shm: None
-) -> None:
+def test_mid_epoch_resume_in_a_fresh_process_is_exact(prepared: dict[str, Path], tmp_path: Path) -> None:
     rows = open_rows(str(prepared["mds"]), "train", TOK, SEQ)
     steps_per_epoch = len(rows) // G
     resume_step, end_step = steps_per_epoch - 3, steps_per_epoch + 4  # resume mid-epoch, run past its end
 
     stream = ShuffledStream(rows, seed=SEED)
     global_batches = [stream.get(np.arange(s * G, (s + 1) * G)).numpy() for s in range(end_step)]
-    reader = StreamingReader(
-        str(prepared["mds"]),
-        "train",
-        local=str(tmp_path / "ref"),
-        expect_tokenizer=TOK,
-        expect_seq_len=SEQ,
-        global_batch_size=G,
-        seed=SEED,
-        num_canonical_nodes=2,
-    )
-    assert reader.steps_per_epoch == steps_per_epoch
-    streamed, state = [], None
-    for step in range(end_step):
-        if step == resume_step:
-            state = json.loads(json.dumps(reader.state_dict()))  # what a checkpoint stores
-        streamed.append(reader.next_batch())
-    assert state["consumed_samples"] == resume_step * G and reader.epoch == 1
-
+    keyed = ShuffledStream(rows, SEED, "feistel", window_shards=2)
+    keyed_batches = [keyed.get(np.arange(s * G, (s + 1) * G)).numpy() for s in range(end_step)]
     args = {
         "mds": str(prepared["mds"]),
         "wds": str(prepared["wds"]),
@@ -413,8 +383,6 @@ def test_mid_epoch_resume_in_a_fresh_process_is_exact(
         "G": G,
         "resume_step": resume_step,
         "end_step": end_step,
-        "state": state,
-        "local": str(tmp_path / "restart"),
         "out": str(tmp_path / "resumed.npz"),
     }
     proc = subprocess.run(
@@ -422,10 +390,11 @@ def test_mid_epoch_resume_in_a_fresh_process_is_exact(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = np.load(tmp_path / "resumed.npz")
-    np.testing.assert_array_equal(resumed["mds"], np.stack(global_batches[resume_step:]))
-    np.testing.assert_array_equal(resumed["wds"], np.stack(global_batches[resume_step:]))
-    np.testing.assert_array_equal(resumed["streaming"], np.stack(streamed[resume_step:]))
-    assert not np.array_equal(streamed[0], streamed[steps_per_epoch])  # each epoch is reshuffled
+    np.testing.assert_array_equal(resumed["mds-permutation"], np.stack(global_batches[resume_step:]))
+    np.testing.assert_array_equal(resumed["wds-permutation"], np.stack(global_batches[resume_step:]))
+    np.testing.assert_array_equal(resumed["mds-feistel"], np.stack(keyed_batches[resume_step:]))
+    for batches in (global_batches, keyed_batches):  # each epoch is reshuffled
+        assert not np.array_equal(batches[0], batches[steps_per_epoch])
 
 
 def _as_set(batch: np.ndarray) -> list[tuple[int, ...]]:
@@ -447,63 +416,3 @@ def test_global_index_dp2_union_equals_dp1(prepared: dict[str, Path]) -> None:
         ]
         assert _as_set(np.concatenate(ranks)) == _as_set(dp1)
         assert not set(map(tuple, ranks[0].tolist())) & set(map(tuple, ranks[1].tolist()))
-
-
-def test_streaming_reader_dp2_union_equals_dp1_and_resumes_elastically(
-    prepared: dict[str, Path], tmp_path: Path, clean_shm: None
-) -> None:
-    kw = dict(expect_tokenizer=TOK, expect_seq_len=SEQ, global_batch_size=G, seed=SEED, num_canonical_nodes=2)
-    path = str(prepared["mds"])
-    one = StreamingReader(path, "val", local=str(tmp_path / "one"), **kw)
-    steps = one.steps_per_epoch + 5  # val is small: this crosses an epoch
-    ref = [one.next_batch() for _ in range(steps)]
-    two = [StreamingReader(path, "val", local=str(tmp_path / f"two{r}"), dp_rank=r, dp=2, **kw) for r in range(2)]
-    for step in range(steps):
-        a, b = two[0].next_batch(), two[1].next_batch()
-        assert a.shape == (G // 2, SEQ)
-        assert _as_set(np.concatenate([a, b])) == _as_set(ref[step]), step
-    assert two[0].state_dict()["consumed_samples"] == one.state_dict()["consumed_samples"] == steps * G
-
-    # A DP=1 checkpoint taken mid-epoch, resumed with DP=2: the next global batches are unchanged.
-    src = StreamingReader(path, "val", local=str(tmp_path / "src"), **kw)
-    for _ in range(4):
-        src.next_batch()
-    state = src.state_dict()
-    resumed = [StreamingReader(path, "val", local=str(tmp_path / f"res{r}"), dp_rank=r, dp=2, **kw) for r in range(2)]
-    for reader in resumed:
-        reader.load_state_dict(state)
-    for step in range(4, 10):
-        assert _as_set(np.concatenate([r.next_batch() for r in resumed])) == _as_set(ref[step]), step
-
-    with pytest.raises(ValueError, match="global_batch_size=8 but this reader has 16"):
-        StreamingReader(path, "val", local=str(tmp_path / "bad"), **{**kw, "global_batch_size": 16}).load_state_dict(
-            state
-        )
-    val = open_rows(path, "val", TOK, SEQ)
-    assert set(map(tuple, np.concatenate(ref).tolist())) <= set(map(tuple, val.rows(np.arange(len(val))).tolist()))
-
-
-def test_webdataset_stream_resume_policy(prepared: dict[str, Path]) -> None:
-    path = str(prepared["wds"])
-    kw = dict(expect_tokenizer=TOK, expect_seq_len=SEQ, seed=SEED, shuffle_buffer=64)
-    split_rows = open_rows(path, "val", TOK, SEQ)
-    known = set(map(tuple, split_rows.rows(np.arange(len(split_rows))).tolist()))
-
-    first = WebDatasetStream(path, "val", **kw)
-    before = first.next_batch(3 * len(split_rows))  # resampled: no epoch edge, it just keeps going
-    assert set(map(tuple, before.tolist())) <= known
-    state = first.state_dict()
-    assert state["consumed"] == 3 * len(split_rows)
-
-    restarts = []
-    for _ in range(2):  # two restarts from the same checkpoint read the same rows
-        stream = WebDatasetStream(path, "val", **kw)
-        stream.load_state_dict(state)
-        restarts.append(stream.next_batch(40))
-    np.testing.assert_array_equal(restarts[0], restarts[1])
-    assert set(map(tuple, restarts[0].tolist())) <= known
-    np.testing.assert_array_equal(WebDatasetStream(path, "val", **kw).next_batch(40), before[:40])  # seeded start
-    other_rank = WebDatasetStream(path, "val", dp_rank=1, dp=2, **kw).next_batch(40)
-    assert not np.array_equal(other_rank, before[:40])
-    with pytest.raises(ValueError, match="seed/dp_rank/dp"):
-        WebDatasetStream(path, "val", dp_rank=1, dp=2, **kw).load_state_dict(state)

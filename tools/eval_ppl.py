@@ -69,9 +69,9 @@ def build_evaluator(args):
     from bd3_megatron.training.batches import BatchMaker
     from bd3_megatron.training.checkpointer import load_canonical
     from bd3_megatron.training.evaluator import Evaluator
-    from data_pipeline.readers import build_datasets
     from data_pipeline.shards import IncompatibleData
     from data_pipeline.tokenizers import get_tokenizer
+    from data_pipeline.training_data import open_training_data
 
     path = ckpt.resolve_checkpoint(args.checkpoint, None)
     meta = ckpt.read_metadata(path)
@@ -98,9 +98,8 @@ def build_evaluator(args):
     cfg = config_from_dict(raw)
     ctx = state.initialize(1, 1, cfg.train.seed, cfg.parallel.device, env=state.LaunchEnv(0, 1, 0, "single"))
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    d = cfg.data
-    try:
-        _, val_rows, _ = build_datasets(d.path, tokenizer, cfg.model.seq_len, d.val_docs, d.cache_dir, d.verify_shards)
+    try:  # the run's own data path (raw text, a prepared folder, or one streamed from object storage)
+        _, val_rows, _, _ = open_training_data(cfg.data, tokenizer, cfg.model.seq_len, seed=cfg.train.seed)
     except IncompatibleData as exc:  # its message names training config keys; eval_ppl's only choice is --data
         raise ValueError(incompatible_data_message(exc, cfg)) from None
     model = build_model(cfg, ctx, tokenizer.vocab_size, tokenizer.mask_token_id)

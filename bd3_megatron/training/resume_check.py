@@ -59,6 +59,18 @@ def data_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     ]
 
 
+def check_data_order(path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume whose row order differs from the checkpoint's (data.shuffle / data.shuffle_window), never
+    silently switching the order mid-run. A checkpoint without the keys predates them: it used the permutation."""
+    for key, old_default in (("shuffle", "permutation"), ("shuffle_window", 0)):
+        old, new = saved.get(key, old_default), current.get(key, old_default)
+        if old != new:
+            raise CheckpointError(
+                f"{path} was trained with data.{key}={old} but this run has data.{key}={new}: the data order would "
+                f"change mid-run; resume with data.{key}={old}"
+            )
+
+
 def check_resume(
     path, meta: dict[str, Any], cfg: Config, data_info: dict[str, Any], vocab_size: int, mask_token_id: int
 ) -> list[str]:
@@ -95,6 +107,7 @@ def check_resume(
             f"note: train.seed {old_seed} -> {cfg.train.seed} (checkpoint.allow_changes): noise and data "
             f"order differ from the checkpoint's run from step {meta['step']} on"
         )
+    check_data_order(path, meta.get("data", {}), data_info)
     diffs = data_differences(meta.get("data", {}), data_info)
     if diffs:
         where = f"{saved['data']['path']!r} -> {cfg.data.path!r}"

@@ -59,9 +59,8 @@ class Trainer:
     FileNotFoundError/ValueError for bad data, CheckpointError for an unwritable checkpoint.dir."""
 
     def __init__(self, cfg: Config, ctx: ParallelContext):
-        from data_pipeline.dataset import ShuffledStream
-        from data_pipeline.readers import build_datasets
         from data_pipeline.tokenizers import get_tokenizer
+        from data_pipeline.training_data import open_training_data
 
         self.cfg, self.ctx = cfg, ctx
         self.dp = validate_layout(cfg, ctx.world_size)
@@ -70,15 +69,9 @@ class Trainer:
         self.dtype = ctx.runtime.compute_dtype(cfg.train.precision)
         self.state = TrainState()
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
-        self.train_rows, self.val_rows, self.data_info = build_datasets(
-            cfg.data.path,
-            self.tokenizer,
-            cfg.model.seq_len,
-            cfg.data.val_docs,
-            cfg.data.cache_dir,
-            verify=cfg.data.verify_shards,
+        self.train_rows, self.val_rows, self.data_info, self.stream = open_training_data(
+            cfg.data, self.tokenizer, cfg.model.seq_len, seed=t.seed, rank=ctx.rank
         )
-        stream = ShuffledStream(self.train_rows, seed=t.seed)
         micro_batches = t.global_batch_size // (t.micro_batch_size * self.dp)
         model = build_model(cfg, ctx, self.tokenizer.vocab_size, self.tokenizer.mask_token_id)
         self.engine = DeepSpeedEngine(model, cfg, ctx, self.dp, micro_batches, bf16=self.dtype == torch.bfloat16)
@@ -104,7 +97,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg, ctx, self.engine, self.ema, self.state, self.batches, run_info, self.logger.info
         )
-        self.train_step = TrainStep(cfg, ctx, self.engine, self.batches, stream, self.ema, self.state, self.dtype)
+        self.train_step = TrainStep(cfg, ctx, self.engine, self.batches, self.stream, self.ema, self.state, self.dtype)
         self.evaluator = Evaluator(cfg, ctx, self.model, self.batches, self.val_rows, self.dtype, self.ema)
 
     # the run's progress and the components' entry points, as the launcher, tools and tests use them
