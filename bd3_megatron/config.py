@@ -49,11 +49,15 @@ class ModelConfig:
     compile: bool | str = "auto"
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused head + cross-entropy (0: a 32 MiB fp32 logit budget)
     # bd3: the block diffusion model; baselines on the same backbone: mdlm (block_size = seq_len, no clean copy, one
-    # t per sequence) and ar (causal next-token prediction; the diffusion settings are unused)
+    # t per sequence), ar (causal next-token prediction; the diffusion settings are unused) and sedd (score entropy
+    # discrete diffusion, absorbing state: block_size = seq_len, arch bd3lms, conditioned on the noise level)
     mode: str = "bd3"
     # layer architecture: megatron (pre-LN GPT layer, no linear biases) | bd3lms (the reference's DiT block: adaLN
     # modulation, weight-only LayerNorms, MLP and head biases; what checkpoint.init_from of a bd3lms model needs)
     arch: str = "megatron"
+    # width of the time embedding c = silu(MLP(sinusoid(sigma))) of time-conditioned modes (sedd; the reference's
+    # model.cond_dim, 128 for its small model); unused by the other modes
+    cond_dim: int = 128
 
 
 @dataclass
@@ -435,6 +439,9 @@ def validate(cfg: Config) -> None:
     problem = MODES[m.mode].validate(cfg)
     _require(problem is None, problem or "")
     _require(m.arch in ("megatron", "bd3lms"), f"model.arch must be megatron|bd3lms, got {m.arch!r}")
+    _require(
+        isinstance(m.cond_dim, int) and m.cond_dim >= 1, f"model.cond_dim must be an integer >= 1, got {m.cond_dim!r}"
+    )
     _require(d.schedule == "loglinear", f"diffusion.schedule must be 'loglinear', got {d.schedule!r}")
     _require(
         0.0 < d.eps_min <= d.eps_max <= 1.0,

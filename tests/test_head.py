@@ -97,3 +97,49 @@ def test_fused_head_with_a_bias_equals_the_plain_biased_head(chunk):
     for got, t in zip(grads, (hidden, weight, bias), strict=True):
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
     assert torch.all(grads[2][never] == 0) and grads[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 0])
+def test_fused_score_entropy_equals_the_sedd_formula_on_dense_logits(chunk):
+    """model.mode=sedd: the head's per-token value and gradients are diffusion.sedd's score entropy of the dense log
+    scores (an independent, unfused evaluation), padding columns and the mask token excluded, with a head bias."""
+    from bd3_megatron.diffusion.sedd import score_entropy, sedd_log_score
+
+    gen = torch.Generator().manual_seed(2)
+    n, h, v, real_vocab, mask = 6, 8, 13, 11, 10  # ids 11, 12 are vocabulary padding; 10 the mask token
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = (0.5 * torch.randn(v, h, generator=gen)).requires_grad_()
+    bias = (0.1 * torch.randn(v, generator=gen)).requires_grad_()
+    never = torch.zeros(v, dtype=torch.bool)
+    never[[10, 11, 12]] = True
+    labels = torch.tensor([0, 3, 9, 4, 4, 7])
+    sigma = torch.tensor([1e-3, 0.05, 0.7, 2.0, 6.9, 0.3])
+    loss_weight = torch.rand(n, generator=gen) * 5
+
+    se, total = linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        never,
+        bias=bias,
+        loss_weight=loss_weight,
+        chunk_tokens=chunk,
+        log_expm1_sigma=torch.log(torch.expm1(sigma)),
+        real_tokens=real_vocab - 1,
+    )
+    total.backward()
+    grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    logits = F.linear(hidden, weight, bias)
+    xt = torch.full((n,), mask)
+    ref = score_entropy(sedd_log_score(logits, xt, sigma, mask, valid_vocab=real_vocab), sigma, xt, labels, mask)
+    (ref * loss_weight).sum().backward()
+
+    torch.testing.assert_close(se, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, (ref * loss_weight).sum().detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, (hidden.grad, weight.grad, bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.all(grads[1][never] == 0)
+    with pytest.raises(ValueError, match="log_expm1_sigma must be"):
+        linear_cross_entropy(hidden, weight, labels, never, log_expm1_sigma=sigma[:2], real_tokens=10)

@@ -147,8 +147,11 @@ def generated_texts(path, args, device) -> tuple[list[str], list[float]]:
     from data_pipeline.tokenizers import get_tokenizer
 
     ck = read_input(path, weights="raw" if args.raw else None, log=lambda msg: None)
-    if not get_mode(ck.config.mode).block_sampler:
-        raise ValueError(f"generative perplexity samples a bd3 model; this checkpoint is model.mode={ck.config.mode}")
+    mode = get_mode(ck.config.mode)
+    if not (mode.block_sampler or mode.score_entropy):
+        raise ValueError(
+            f"generative perplexity samples a bd3 or sedd model; this checkpoint is model.mode={ck.config.mode}"
+        )
     tok = get_tokenizer(ck.tokenizer)
     net = build_net(ck.config, ck.state, device=device)
     block = args.block_size or ck.config.block_size

@@ -27,10 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--length",
         type=int,
         default=None,
-        help="tokens to generate (cap with variable length); default: the model's context length",
+        help="tokens to generate (cap with variable length); default: the model's context length (sedd: what the "
+        "prompt leaves of it)",
     )
     p.add_argument("--block-size", type=int, default=None, help="L' (default: the trained block size)")
-    p.add_argument("--steps", type=int, default=None, help="DDPM steps per block (default: L')")
+    p.add_argument(
+        "--steps", type=int, default=None, help="DDPM steps per block (default: L'); sedd: analytic steps (default: L)"
+    )
     p.add_argument("--nucleus-p", type=float, default=0.9, help="top-p (1.0 = plain sampling)")
     p.add_argument("--greedy", action="store_true", help="propose the most probable token")
     p.add_argument("--first-hitting", action="store_true", help="reveal one token per forward pass")
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bd3_megatron.checkpoint.sampler import load_checkpoint
+    from bd3_megatron.modes import get_mode
     from bd3_megatron.parallel.device import local_device
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
     from bd3_megatron.sampling.net import build_net
@@ -118,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("choose either --threshold or --first-hitting")
         # 0 is a value to refuse, not "the default": only an absent option falls back to the checkpoint's
         block = ck.config.block_size if args.block_size is None else args.block_size
-        length = ck.config.seq_len if args.length is None else args.length
+        whole_context = get_mode(ck.config.mode).score_entropy  # SEDD denoises its L-token context at once
+        default_length = ck.config.seq_len - len(prompt) if whole_context else ck.config.seq_len
+        length = default_length if args.length is None else args.length
         for flag, value in (("--block-size", block), ("--length", length)):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -193,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"=== {len(results)} samples, {total} tokens in {took:.2f}s ({total / max(took, 1e-9):.1f} tok/s), "
         f"{calls} network calls, mean NFE {sum(r.nfe for r in results) / len(results):.1f}, "
-        f"L'={block}, schedule {schedule}, kv-cache {'on' if args.kv_cache else 'off'}, device {device} ==="
+        + (
+            "SEDD analytic sampler over the whole context"
+            if whole_context
+            else f"L'={block}, schedule {schedule}, kv-cache {'on' if args.kv_cache else 'off'}"
+        )
+        + f", device {device} ==="
     )
     return 0
 

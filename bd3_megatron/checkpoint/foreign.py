@@ -14,6 +14,7 @@ import torch
 
 from bd3_megatron.checkpoint.sampler import SamplerCheckpoint, load_checkpoint
 from bd3_megatron.checkpoint.sharded import CheckpointError, shard_for_rank
+from bd3_megatron.modes import get_mode
 
 
 def is_foreign(spec: str) -> bool:
@@ -68,10 +69,18 @@ def weights_for_rank(
             have = have or 4 * model_cfg.hidden_size
         if have != want:
             raise CheckpointError(f"checkpoint.init_from {where} needs model.{key}={want} (this run has {have})")
-    if ck.config.time_conditioning:
+    conditioned = get_mode(model_cfg.mode).time_conditioned
+    if ck.config.time_conditioning != conditioned:
         raise CheckpointError(
-            f"checkpoint.init_from {where} is time-conditioned (time_conditioning=true); training such models "
-            f"needs t-dependent modulation in the trainer (SEDD), not yet wired"
+            f"checkpoint.init_from {where} is {'' if ck.config.time_conditioning else 'not '}time-conditioned "
+            f"(time_conditioning={str(ck.config.time_conditioning).lower()}) but model.mode={model_cfg.mode} "
+            f"{'is' if conditioned else 'is not'}; "
+            + ("use model.mode=sedd" if ck.config.time_conditioning else "start from a time-conditioned model")
+        )
+    if conditioned and ck.config.cond_dim != model_cfg.cond_dim:
+        raise CheckpointError(
+            f"checkpoint.init_from {where} needs model.cond_dim={ck.config.cond_dim} "
+            f"(this run has {model_cfg.cond_dim})"
         )
     if (ck.config.vocab_size, ck.config.mask_token_id) != (vocab_size, mask_token_id):
         raise CheckpointError(

@@ -52,7 +52,7 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
         if not get_mode(mode).sampler_net:
             raise ValueError(
                 f"this checkpoint is a model.mode={mode} baseline; the sampler checkpoint format holds "
-                f"bd3 models and the ar baseline (evaluate {mode} with tools/eval_ppl.py)"
+                f"bd3 and sedd models and the ar baseline (evaluate {mode} with tools/eval_ppl.py)"
             )
         return NetConfig(
             num_layers=m["num_layers"],
@@ -66,6 +66,8 @@ def net_config_from_metadata(meta: dict[str, Any]) -> NetConfig:
             mode=mode,
             dropout=m.get("dropout"),
             arch=m.get("arch", "megatron"),
+            time_conditioning=get_mode(mode).time_conditioned,
+            cond_dim=m["cond_dim"] if get_mode(mode).time_conditioned else 0,
         )
     except KeyError as exc:
         raise ValueError(f"checkpoint metadata lacks {exc}; it was not written by this trainer") from None

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from bd3_megatron.io import atomic_write_text, fsync_dir
+from bd3_megatron.model.time_embedding import PIPELINE_REPLICATED_PREFIX
 from bd3_megatron.parallel import device
 
 FORMAT_VERSION = 2  # 2: files[name] = {"bytes", "sha256"} and metadata_sha256; 1 (sizes only) is still read
@@ -467,8 +468,9 @@ def load_full_weights(path: Path, meta: dict[str, Any], log=None) -> tuple[dict[
     (``{"decay", "num_updates", "shadow"}``) when every file has one. The one place TP/PP shards are merged (resume
     with reshard, init_from, evaluation, convert). Tensor-parallel shards are concatenated along the dimension
     the file records (megatron-core's default for older files); each tensor must come from exactly one pipeline stage
-    and from every tp rank. Vocabulary padding rows are kept (their count depends on tp). Replicated tensors that
-    differ between tp ranks are reported through ``log`` and taken from rank 0."""
+    (the time embedding, replicated on every stage, from the first) and from every tp rank. Vocabulary padding rows
+    are kept (their count depends on tp). Replicated tensors that differ between tp ranks are reported through ``log``
+    and taken from rank 0."""
     tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
     files = {(t, p): path / f"model_tp{t:02d}_pp{p:02d}.pt" for p in range(pp) for t in range(tp)}
     missing = [f.name for f in files.values() if not f.exists()]
@@ -485,6 +487,8 @@ def load_full_weights(path: Path, meta: dict[str, Any], log=None) -> tuple[dict[
         recorded = state.get("tp_partition") or {}
         for name, tensor in state["model"].items():
             if owner.setdefault(name, p) != p:
+                if name.startswith(PIPELINE_REPLICATED_PREFIX):  # every stage's copy; the first stage's is kept
+                    continue
                 raise CheckpointError(f"{name} appears in pipeline stages {owner[name]} and {p}")
             shards["model"].setdefault(name, {})[t] = tensor
             partition[name] = recorded[name] if name in recorded else default_partition(name)
@@ -492,6 +496,8 @@ def load_full_weights(path: Path, meta: dict[str, Any], log=None) -> tuple[dict[
             with_ema += 1
             ema_meta = {"decay": state["ema"]["decay"], "num_updates": state["ema"]["num_updates"]}
             for name, tensor in state["ema"]["shadow"].items():
+                if owner.get(name, p) != p:
+                    continue
                 shards["ema"].setdefault(name, {})[t] = tensor
     if 0 < with_ema < len(files):
         raise CheckpointError(f"{path}: only {with_ema} of {len(files)} model files hold EMA weights")

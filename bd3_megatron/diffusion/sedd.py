@@ -287,13 +287,24 @@ def denoiser_update_probs(
     return probs
 
 
-def sample_categorical(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(
+    weights: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+) -> torch.Tensor:
     """One index per row of non-negative weights [..., V] -> [...] (reference ``_sample_categorical``).
 
     argmax(w / E) with E ~ Exp(1) (E = 1e-10 - log(U + 1e-10), U uniform, as in the reference) picks index y with
-    probability w(y) / sum w; negative weights are never picked unless the whole row is negative.
+    probability w(y) / sum w; negative weights are never picked unless the whole row is negative. ``generator``
+    may be a list with one generator per batch row (weights [b, ...]): each row's draws then come from its own
+    stream, whatever else is in the batch.
     """
-    u = torch.rand(weights.shape, generator=generator, dtype=weights.dtype, device=weights.device)
+    if isinstance(generator, list):
+        if len(generator) != weights.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {weights.shape[0]} rows")
+        u = torch.stack(
+            [torch.rand(weights.shape[1:], generator=g, dtype=weights.dtype, device=weights.device) for g in generator]
+        )
+    else:
+        u = torch.rand(weights.shape, generator=generator, dtype=weights.dtype, device=weights.device)
     return (weights / (1e-10 - (u + 1e-10).log())).argmax(dim=-1)
 
 
@@ -320,7 +331,8 @@ def analytic_sample(
     noise: SEDDLogLinearNoise | None = None,
     eps: float = SEDD_SAMPLING_EPS,
     nucleus_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """The reference's SEDD sampler (``_analytic_sampler``): ``num_steps`` analytic steps, then the denoiser step.
 
@@ -334,8 +346,9 @@ def analytic_sample(
     and nucleus_p = 1 by default. Clean positions are kept explicitly: with
     exact or finite scores this is what the weights already do, and it also covers the one case where the
     reference does not (nucleus_p < 1 filtering out a clean token's own column leaves an all-zero row, which the
-    reference's argmax turns into token id 0). Returns the tokens [b, L] (int64, no M left when the scores are
-    finite).
+    reference's argmax turns into token id 0). ``generator``: one for the batch, or a list with one per row (see
+    :func:`sample_categorical`); ``progress(done, total)`` is called after each network call. Returns the tokens
+    [b, L] (int64, no M left when the scores are finite).
     """
     if xt.dim() != 2:
         raise ValueError(f"xt must be [batch, seq_len], got shape {tuple(xt.shape)}")
@@ -349,6 +362,8 @@ def analytic_sample(
         score = scores_for_sampling(log_score_fn(x, sigma_t), nucleus_p)
         drawn = sample_categorical(analytic_update_probs(score, x, sigma_t - sigma_s, mask_token_id), generator)
         x = torch.where(x == mask_token_id, drawn, x)
+        if progress is not None:
+            progress(i + 1, num_steps + 1)
     sigma = noise.sigma_from_move_chance(times[-1] * ones)
     score = scores_for_sampling(log_score_fn(x, sigma), nucleus_p)
     drawn = sample_categorical(denoiser_update_probs(score, x, sigma, mask_token_id), generator)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from bd3_megatron.model.attention import BD3CoreAttention
@@ -117,8 +117,6 @@ class AdaLNTransformerLayer(TransformerLayer):
         self.self_attention.core_attention.noisy_queries_only = self.noisy_half
 
     def _modulation_module(self, config):
-        from megatron.core.transformer.spec_utils import build_module
-
         return build_module(self.submodules_config.modulation, config=config)
 
     def forward(self, *args, **kwargs):
@@ -159,16 +157,27 @@ class NoisyHalfAdaLNLayer(AdaLNTransformerLayer):
 
 
 class AdaLNFinalNorm(RefLayerNorm):
-    """The reference final layer's norm: ``modulate(RefLayerNorm(x), shift, scale)`` with a constant modulation
-    (``weight`` [h], ``modulation.bias`` [2h]). x [S, b, h] -> [S, b, h]; the head (with its bias) follows."""
+    """The reference final layer's norm: ``modulate(RefLayerNorm(x), shift, scale)`` (``weight`` [h],
+    ``modulation.bias`` [2h], and ``modulation.weight`` [2h, cond] when ``cond_dim`` > 0). x [S, b, h] -> [S, b, h];
+    the head (with its bias) follows.
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+    megatron's TransformerBlock calls its final norm with the hidden states alone, so a time-conditioned model hands
+    c [b, cond] over in ``context`` just before the block runs (``BD3Model._stream_hidden``); one forward pass is
+    atomic on a stage, so the value read is always that micro-batch's."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, cond_dim: int = 0):
         super().__init__(config, hidden_size, eps)
-        self.modulation = ConstantModulation(config, FINAL_CHUNKS)
+        self.modulation = build_module(_modulation_spec(FINAL_CHUNKS, cond_dim), config=config)
+        self.context: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(None).chunk(FINAL_CHUNKS, dim=-1)
+        shift, scale = self.modulation(self.context).chunk(FINAL_CHUNKS, dim=-1)
         return modulate(super().forward(x), shift, scale)
+
+
+def adaln_final_norm_spec(cond_dim: int = 0) -> ModuleSpec:
+    """The final norm of the reference DiT, time-conditioned when ``cond_dim`` > 0."""
+    return ModuleSpec(module=AdaLNFinalNorm, params={"cond_dim": cond_dim})
 
 
 def adaln_layer_spec(noisy_queries_only: bool = False, cond_dim: int = 0) -> ModuleSpec:

@@ -19,6 +19,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -41,10 +42,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from bd3_megatron.diffusion import masks
 from bd3_megatron.diffusion.loss import never_predicted
-from bd3_megatron.model.adaln import AdaLNFinalNorm, adaln_layer_spec
+from bd3_megatron.model.adaln import adaln_final_norm_spec, adaln_layer_spec
 from bd3_megatron.model.attention import BD3CoreAttention, is_block_mask
 from bd3_megatron.model.head import linear_cross_entropy
 from bd3_megatron.model.rope import rope_angles, rope_inv_freq
+from bd3_megatron.model.time_embedding import TimeEmbedding
 from bd3_megatron.modes import get_mode
 
 
@@ -63,6 +65,7 @@ class BD3Spec:
     noisy_half_last_layer: bool = True  # bd3: the last layer computes the noisy half only (the head's input)
     recompute: bool = False  # activation recomputation of every layer in backward (model.recompute)
     arch: str = "megatron"  # megatron (pre-LN GPT layer) | bd3lms (the reference DiT block: adaLN + biases)
+    cond_dim: int = 0  # > 0: time-conditioned (arch bd3lms; SEDD): adaLN modulation from c = TimeEmbedding(sigma)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -89,14 +92,14 @@ def bd3_block_spec(config: TransformerConfig, spec: BD3Spec, post_process: bool)
     layers = get_num_layers_to_build(config)
     noisy_half = get_mode(spec.mode).noisy_half_last_layer and spec.noisy_half_last_layer
     last_noisy_only = noisy_half and post_process and layers > 0
-    layer_spec, final_norm = _ARCH_SPECS[spec.arch]
+    if spec.arch == "bd3lms":  # the reference DiT block (model/adaln.py), time-conditioned when cond_dim > 0
+        layer_spec = partial(adaln_layer_spec, cond_dim=spec.cond_dim)
+        final_norm = adaln_final_norm_spec(spec.cond_dim)
+    else:  # megatron's GPT layer
+        layer_spec, final_norm = bd3_layer_spec, LayerNormImpl
     specs = [layer_spec() for _ in range(layers - last_noisy_only)]
     specs += [layer_spec(noisy_queries_only=True)] * last_noisy_only
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
-
-
-# model.arch -> (layer spec factory, final norm): megatron's GPT layer, or the reference DiT block (model/adaln.py)
-_ARCH_SPECS = {"megatron": (bd3_layer_spec, LayerNormImpl), "bd3lms": (adaln_layer_spec, AdaLNFinalNorm)}
 
 
 class BD3TransformerLayer(TransformerLayer):
@@ -165,7 +168,8 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
 
     forward(hidden [N, h]) -> logits [N, V/tp] fp32 with never-predicted ids at -inf (sampling, evaluation);
     forward(hidden [N, h], labels [N], loss_weight [N] | None) -> HeadOutput([N] ce, [] weighted sum), computed
-    by the fused chunked :func:`bd3_megatron.model.head.linear_cross_entropy` (no [N, V] logits kept)."""
+    by the fused chunked :func:`bd3_megatron.model.head.linear_cross_entropy` (no [N, V] logits kept); with
+    ``log_expm1_sigma`` [N] the per-token value is SEDD's score entropy instead of the cross-entropy."""
 
     def __init__(self, config: TransformerConfig, padded_vocab: int, spec: BD3Spec):
         super().__init__(
@@ -184,10 +188,15 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
         never = never_predicted(ids, spec.mask_token_id, spec.vocab_size)
         self.register_buffer("never_predict", never.nonzero().flatten(), persistent=False)  # [K] local column ids
         self.chunk_tokens = spec.ce_chunk_tokens
+        self.real_tokens = spec.vocab_size - 1  # V - 1: SEDD's uniform score normaliser (the mask token is no y)
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
 
     def forward(
-        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        log_expm1_sigma: torch.Tensor | None = None,
     ):
         if labels is None:
             logits, _ = super().forward(hidden)
@@ -203,6 +212,8 @@ class SUBSOutputLayer(tensor_parallel.ColumnParallelLinear):
             vocab_start=self.vocab_start,
             chunk_tokens=self.chunk_tokens,
             group=self.tp_group,
+            log_expm1_sigma=log_expm1_sigma,
+            real_tokens=self.real_tokens,
         )
         return HeadOutput(ce, nelbo_sum)
 
@@ -223,6 +234,11 @@ class BD3Model(MegatronModule):
         self.padded_vocab = padded_vocab_size(spec.vocab_size, spec.vocab_multiple, tp)
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         self.rotary = SharedRotary(head_dim)
+        if spec.cond_dim:  # every stage conditions its layers on sigma: the embedder is replicated over the pipeline
+            if spec.arch != "bd3lms":
+                raise ValueError("time conditioning (cond_dim > 0) needs arch bd3lms (the adaLN layers)")
+            self.time_embedding = TimeEmbedding(spec.cond_dim, dtype=config.params_dtype)
+            mark_pipeline_replicated(self.time_embedding)
         if pre_process:
             self.embedding = LanguageModelEmbedding(
                 config, vocab_size=self.padded_vocab, max_sequence_length=spec.seq_len, position_embedding_type="rope"
@@ -258,11 +274,26 @@ class BD3Model(MegatronModule):
         return self._masks[key]
 
     # ---- forward pieces ----
-    def encode(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor, attention_mask) -> torch.Tensor:
-        """Embed (first stage) and run this stage's layers. Returns hidden states [S, b, h]."""
+    def encode(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor, attention_mask, sigma=None
+    ) -> torch.Tensor:
+        """Embed (first stage) and run this stage's layers, conditioned on the total noise ``sigma`` [b] when the
+        model is time-conditioned. Returns hidden states [S, b, h]."""
         rotary = self.rotary(position_ids)
         hidden = self.embedding(input_ids, position_ids=None) if self.pre_process else None
-        return self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        c = self.condition(sigma)
+        if c is not None and self.decoder.final_layernorm is not None:
+            self.decoder.final_layernorm.context = c  # megatron calls the final norm without the block's context
+        return self.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary, context=c)
+
+    def condition(self, sigma: torch.Tensor | None) -> torch.Tensor | None:
+        """The adaLN conditioning vector c [b, cond] of a time-conditioned model (None otherwise). Raises ValueError
+        when such a model gets no sigma."""
+        if not self.spec.cond_dim:
+            return None
+        if sigma is None:
+            raise ValueError(f"model.mode={self.spec.mode} is time-conditioned: the forward needs sigma [b]")
+        return self.time_embedding(sigma)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [N, V/tp] in fp32 with never-predicted ids at -inf."""
@@ -283,7 +314,7 @@ class BD3Model(MegatronModule):
             return masks.padded_flex_block_mask(seq_len, self.spec.block_size, key_padding)
         return masks.padded_dense(mask, key_padding)
 
-    def _stream_hidden(self, xt, x0, key_padding: torch.Tensor | None = None):
+    def _stream_hidden(self, xt, x0, key_padding: torch.Tensor | None = None, sigma: torch.Tensor | None = None):
         """Hidden states [streams·L, b, h] of this stage, and L. The mode picks the input stream: x_t ⊕ x0 for bd3
         (2L tokens, positions shared by both halves), x_t for mdlm, x0 for ar. key_padding [b, L] (True at padding,
         optional) hides padding keys; without it the cached mask is used unchanged."""
@@ -299,7 +330,7 @@ class BD3Model(MegatronModule):
         mask = self.attention_mask(seq_len, device)
         if key_padding is not None:
             mask = self._padded_mask(mask, key_padding, seq_len, streams)
-        return self.encode(ids, positions, mask), seq_len
+        return self.encode(ids, positions, mask, sigma), seq_len
 
     def forward(
         self,
@@ -308,21 +339,24 @@ class BD3Model(MegatronModule):
         loss_mask: torch.Tensor | None = None,
         loss_weight: torch.Tensor | None = None,
         key_padding: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
     ):
         """Training/eval forward.
 
         xt, x0: [b, L] token ids (first stage; ``None`` on later stages); loss_mask: [b, L] bool, the positions
         predicted; loss_weight: [b, L] fp32 per-token NELBO weight (0 off the mask) or None; key_padding: [b, L]
         bool, True at padding of --pad rows (every pipeline stage gets it): no real token attends a padding position
-        of either half, so padding values cannot change a real token's output.
+        of either half, so padding values cannot change a real token's output; sigma: [b] fp32 total noise of each
+        sequence, for time-conditioned modes (sedd) on every pipeline stage, else None.
 
         Returns hidden states [S, b, h] on non-last pipeline stages; on the last stage a :class:`HeadOutput`: the
         per-token cross-entropy [b, L] (fp32, no gradient) at ``loss_mask`` positions and 0 elsewhere — for bd3/mdlm
         the masked noisy tokens given the noisy stream, for ar token l given x0[<l] (read from the hidden state at
         l-1; position 0 has no prediction) — and ``nelbo_sum`` = Σ loss_weight·ce, the differentiable training
-        objective (0 without ``loss_weight``).
+        objective (0 without ``loss_weight``). For sedd the per-token value is the denoising score entropy of the
+        masked token (``model.head``), not the cross-entropy.
         """
-        hidden, seq_len = self._stream_hidden(xt, x0, key_padding)
+        hidden, seq_len = self._stream_hidden(xt, x0, key_padding, sigma)
         if not self.post_process:
             return hidden
         out = hidden[:seq_len].transpose(0, 1)  # [b, L, h]; in bd3 the clean half feeds attention only
@@ -334,7 +368,10 @@ class BD3Model(MegatronModule):
             return t.reshape(-1, *t.shape[2:]).index_select(0, idx)
 
         weight = None if loss_weight is None else pick(loss_weight)
-        head = self.output_layer(pick(out), labels=pick(x0), loss_weight=weight)
+        shift = None
+        if self.mode.score_entropy:  # SEDD's log scores are logits - log expm1(sigma) - log(V - 1)
+            shift = pick(torch.log(torch.expm1(sigma.float()))[:, None].expand(loss_mask.shape))
+        head = self.output_layer(pick(out), labels=pick(x0), loss_weight=weight, log_expm1_sigma=shift)
         ce = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=out.device).index_copy_(0, idx, head.ce)
         return HeadOutput(ce.view(loss_mask.shape), head.nelbo_sum)
 
@@ -346,6 +383,17 @@ class BD3Model(MegatronModule):
             raise RuntimeError(f"block sampling is for bd3 models, this one is {self.mode.name}")
         hidden, seq_len = self._stream_hidden(xt, x0)
         return self.full_logits(hidden[start:end].transpose(0, 1))
+
+
+def mark_pipeline_replicated(module: torch.nn.Module) -> None:
+    """Mark ``module``'s parameters as replicated on every pipeline stage (the time embedding): megatron's
+    ``pipeline_parallel`` attribute says their gradients are summed over the pipeline group
+    (``training.engine.sum_pipeline_replicated_grads``); DeepSpeed's ``ds_pipe_replicated`` on every stage but the
+    first keeps the copies from being counted more than once in the gradient norm."""
+    first = parallel_state.get_pipeline_model_parallel_rank() == 0
+    for param in module.parameters():
+        param.pipeline_parallel = True
+        param.ds_pipe_replicated = not first
 
 
 # ---- deterministic, layout-independent initialisation ----
@@ -374,8 +422,8 @@ def full_shape(param: torch.Tensor) -> tuple[list[int], int | None]:
 
 def init_std(canonical_name: str, config: TransformerConfig) -> float | None:
     """Standard deviation for a weight, or None for constant-initialised tensors (norms, biases)."""
-    if canonical_name.endswith(".bias"):
-        return None
+    if canonical_name.endswith(".bias") or ".modulation." in canonical_name:
+        return None  # biases, and the adaLN modulation, zero as the reference's adaLN-Zero init
     if "layernorm" in canonical_name or "layer_norm" in canonical_name:
         return None
     if canonical_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
@@ -393,7 +441,7 @@ def init_parameters(model: BD3Model, seed: int) -> None:
         cname = names[name]
         std = init_std(cname, model.config)
         if std is None:
-            param.fill_(0.0 if cname.endswith(".bias") else 1.0)
+            param.fill_(0.0 if cname.endswith(".bias") or ".modulation." in cname else 1.0)
             continue
         shape, dim = full_shape(param)
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(cname.encode())) % (2**63))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bd3_megatron.config import Config
 from bd3_megatron.model.bd3_model import BD3Model, BD3Spec, build_transformer_config, init_parameters
+from bd3_megatron.modes import get_mode
 from bd3_megatron.parallel.state import ParallelContext
 
 
@@ -30,6 +31,7 @@ def build_model(cfg: Config, ctx: ParallelContext, vocab_size: int, mask_token_i
         ce_chunk_tokens=m.ce_chunk_tokens,
         recompute=m.recompute,
         arch=m.arch,
+        cond_dim=m.cond_dim if get_mode(m.mode).time_conditioned else 0,
     )
     model = BD3Model(tconf, spec, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     init_parameters(model, cfg.train.seed)

@@ -17,9 +17,16 @@ peak memory of the head is one [C, Vp] buffer instead of several [N, Vp] ones.
 Tensor parallelism: ``hidden`` must already have passed ``copy_to_tensor_model_parallel_region`` (identity forward,
 all-reduce of the gradient backward), exactly as ColumnParallelLinear does for its input; the max, the target logit
 and the sum of exponentials are all-reduced over the TP group as in megatron's ``vocab_parallel_cross_entropy``.
+
+SEDD (``model.mode=sedd``) trains on the denoising score entropy instead, and it needs the same two reductions: with
+c = log expm1(sigma) + log(V - 1) the scores are s(y) = e^(logit_y - c), so Σ_y s(y) = e^(lse - c) and the target's
+log score is logit_{y0} - c; its gradient w.r.t. the logits is e^(lse - c)·softmax - r·onehot(y0) (r = 1/expm1(sigma)),
+one more scale per row than the cross-entropy's softmax - onehot(y0). Same buffer, same FLOPs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -56,7 +63,20 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group, bias=None):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        loss_weight,
+        never_predict,
+        vocab_start,
+        chunk,
+        group,
+        bias=None,
+        log_expm1_sigma=None,
+        log_real_tokens=0.0,
+    ):
         n, vp = hidden.shape[0], weight.shape[0]
         want_grad = loss_weight is not None and (
             ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[8])
@@ -78,11 +98,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, local[lo:hi, None]).squeeze(1) * owned[lo:hi]
             logits.exp_()
             sums = _all_reduce(torch.stack([logits.sum(dim=1), target]), dist.ReduceOp.SUM, group)
-            ce[lo:hi] = sums[0].log() - sums[1]
-            if want_grad:  # d ce_i / d logits_iv = softmax_iv - [v = y_i]; scaled by the token's NELBO weight
+            if log_expm1_sigma is None:  # cross-entropy: d ce_i / d logit_iv = softmax_iv - [v = y_i]
+                ce[lo:hi] = sums[0].log() - sums[1]
+                spread, pull = None, owned[lo:hi].float()
+            else:  # score entropy (module docstring): d se_i / d logit_iv = e^(lse_i - c_i)·softmax_iv - r_i·[v = y_i]
+                c = log_expm1_sigma[lo:hi] + log_real_tokens  # log expm1(sigma) + log(V - 1), so s(y) = e^(logit - c)
+                log_r = -log_expm1_sigma[lo:hi]
+                spread = torch.exp(row_max + sums[0].log() - c)  # Σ_y s(y) = e^(lse - c)
+                r = log_r.exp()
+                ce[lo:hi] = spread - r * (sums[1] + row_max - c) + r * (log_r - 1.0)
+                pull = r * owned[lo:hi]
+            if want_grad:  # the token's gradient w.r.t. its logits, scaled by its NELBO weight
                 logits.div_(sums[0][:, None])
+                if spread is not None:
+                    logits.mul_(spread[:, None])
                 rows = torch.arange(hi - lo, device=logits.device)
-                logits[rows, local[lo:hi]] -= owned[lo:hi].float()
+                logits[rows, local[lo:hi]] -= pull
                 logits.mul_(loss_weight[lo:hi, None])
                 grad_hidden[lo:hi] = logits.to(weight.dtype) @ weight  # autocast picks bf16 here when active
                 grad_weight += (logits.t().to(h.dtype) @ h).float()
@@ -103,7 +134,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("LinearCrossEntropy: gradients exist only for weighted_sum with loss_weight given")
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         grad_bias = None if ctx.bias_dtype is None else (grad_bias * grad_weighted).to(ctx.bias_dtype)
-        return grad_hidden * grad_weighted, grad_weight * grad_weighted, None, None, None, None, None, None, grad_bias
+        scaled = (grad_hidden * grad_weighted, grad_weight * grad_weighted)
+        return *scaled, None, None, None, None, None, None, grad_bias, None, None
 
 
 def linear_cross_entropy(
@@ -117,6 +149,8 @@ def linear_cross_entropy(
     vocab_start: int = 0,
     chunk_tokens: int = 0,
     group=None,
+    log_expm1_sigma: torch.Tensor | None = None,
+    real_tokens: int = 0,
 ):
     """Per-token cross-entropy [N] (no gradient) and its ``loss_weight``-weighted sum [] (differentiable).
 
@@ -124,7 +158,14 @@ def linear_cross_entropy(
     global id ``vocab_start``; ``labels``
     [N] global ids; ``never_predict`` [Vp] bool or [K] int64 local column ids (SUBS: the mask token and the
     vocabulary padding get -inf);
-    ``group`` the tensor-parallel group (None: single rank). Raises ValueError on shape mismatches.
+    ``group`` the tensor-parallel group (None: single rank).
+
+    With ``log_expm1_sigma`` [N] (log expm1 of each token's total noise sigma) the per-token value is SEDD's
+    denoising score entropy of the masked token instead of the cross-entropy, the logits read as log scores
+    ``logit - log expm1(sigma) - log(real_tokens)`` (``real_tokens`` = V - 1, the vocabulary without the mask token):
+    ``se = Σ_y s(y) - r·log s(y0) + r·(log r - 1)``, r = 1/expm1(sigma) (``diffusion.sedd.score_entropy`` of
+    ``diffusion.sedd.sedd_log_score``; the mask token and the padding are no y). Raises
+    ValueError on shape mismatches.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(
@@ -136,4 +177,13 @@ def linear_cross_entropy(
     chunk = chunk_tokens_for(weight.shape[0], chunk_tokens)
     if never_predict.dtype == torch.bool:
         never_predict = never_predict.nonzero().flatten()
-    return LinearCrossEntropy.apply(hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group, bias)
+    if log_expm1_sigma is not None:
+        if log_expm1_sigma.shape != labels.shape:
+            raise ValueError(f"log_expm1_sigma must be [N] like labels, got {tuple(log_expm1_sigma.shape)}")
+        if real_tokens < 1:
+            raise ValueError(f"real_tokens must be >= 1 with log_expm1_sigma, got {real_tokens}")
+        log_expm1_sigma = log_expm1_sigma.float()
+    log_real = math.log(real_tokens) if log_expm1_sigma is not None else 0.0
+    return LinearCrossEntropy.apply(
+        hidden, weight, labels, loss_weight, never_predict, vocab_start, chunk, group, bias, log_expm1_sigma, log_real
+    )

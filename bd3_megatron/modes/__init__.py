@@ -9,8 +9,9 @@ from bd3_megatron.modes.ar import AR
 from bd3_megatron.modes.base import MaskedDiffusionMode, ModelMode
 from bd3_megatron.modes.bd3 import BD3
 from bd3_megatron.modes.mdlm import MDLM
+from bd3_megatron.modes.sedd import SEDD
 
-MODES: dict[str, ModelMode] = {m.name: m for m in (BD3(), MDLM(), AR())}
+MODES: dict[str, ModelMode] = {m.name: m for m in (BD3(), MDLM(), AR(), SEDD())}
 
 
 def get_mode(name: str) -> ModelMode:

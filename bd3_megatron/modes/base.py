@@ -6,7 +6,8 @@ Every mode runs the same megatron-core transformer, head and training loop. A mo
 * its **attention mask** (:meth:`ModelMode.attention_mask`): slices of the one BD3 mask function;
 * its **targets** (:meth:`ModelMode.make_batch`): which tokens are predicted and each one's NELBO weight;
 * where the head reads its state (:meth:`ModelMode.head_inputs`): AR predicts token l from the state at l-1;
-* which configuration it accepts (:meth:`ModelMode.validate`) and which tools apply (block sampler, scorer).
+* which configuration it accepts (:meth:`ModelMode.validate`) and which tools apply (block sampler, scorer);
+* whether the backbone is conditioned on the noise level and the head scores by score entropy (SEDD).
 
 Modes are stateless singletons in the registry (``bd3_megatron.modes.MODES``); a new mode is one new module.
 """
@@ -35,6 +36,8 @@ class ModelMode:
     block_sampler: ClassVar[bool] = False  # the KV-cache block sampler and the bd3lms HF layout hold it
     sampler_net: ClassVar[bool] = False  # the single-device network (tools/convert.py) can run it
     noisy_half_last_layer: ClassVar[bool] = False  # the last layer may compute the noisy half alone (head input)
+    time_conditioned: ClassVar[bool] = False  # the backbone is conditioned on the batch's total noise sigma [b]
+    score_entropy: ClassVar[bool] = False  # the head's per-token value is SEDD's score entropy, not the CE
 
     def validate(self, cfg: Config) -> str | None:
         """A message naming what in ``cfg`` this mode cannot run (and how to fix it), or None."""

@@ -359,6 +359,10 @@ def generate(
     is aligned to the model's block grid, so a prompt tail shorter than a block is denoised around."""
     opts.validate()
     cfg = net.cfg
+    if get_mode(cfg.mode).score_entropy:  # SEDD: the reference's analytic sampler over the whole context
+        from bd3_megatron.sampling.sedd_sampler import generate_sedd
+
+        return generate_sedd(net, num_samples, opts, prompt, first_index, progress)
     if not get_mode(cfg.mode).block_sampler:
         raise ValueError(
             f"this is a model.mode={cfg.mode} checkpoint; the block diffusion sampler needs a bd3 model "

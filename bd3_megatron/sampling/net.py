@@ -24,6 +24,7 @@ from torch import nn
 
 from bd3_megatron.diffusion.masks import bd3_mask
 from bd3_megatron.model.rope import rope_angles, rope_inv_freq
+from bd3_megatron.model.time_embedding import TIMESTEP_DIM, TimeEmbedding
 from bd3_megatron.modes import MODES
 
 SAMPLER_NET_MODES = tuple(name for name, mode in MODES.items() if mode.sampler_net)
@@ -157,9 +158,6 @@ def _bd3lms_shapes(cfg: NetConfig, out: dict[str, tuple[int, ...]]) -> dict[str,
     return out
 
 
-TIMESTEP_DIM = 256  # the reference TimestepEmbedder's sinusoid width
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -280,21 +278,6 @@ class _FinalNorm(nn.LayerNorm):
         return super().forward(x)
 
 
-class _TimeEmbedding(nn.Module):
-    """The reference TimestepEmbedder followed by silu: c = silu(mlp(sinusoid(sigma))) [b, cond]."""
-
-    def __init__(self, cfg: NetConfig):
-        super().__init__()
-        c = cfg.cond_dim
-        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_DIM, c), nn.SiLU(), nn.Linear(c, c))
-
-    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        half = TIMESTEP_DIM // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
-        args = sigma[:, None].float() * freqs[None]
-        return F.silu(self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1)))
-
-
 # arch -> (layer, final norm)
 _ARCH_MODULES = {"megatron": (_Layer, None), "bd3lms": (_AdaLNLayer, _AdaLNFinalNorm)}
 
@@ -315,7 +298,7 @@ class BD3Net(nn.Module):
         self.cfg = cfg
         self.embedding = _Embedding(cfg)
         if cfg.time_conditioning:
-            self.time_embedding = _TimeEmbedding(cfg)
+            self.time_embedding = TimeEmbedding(cfg.cond_dim)
         self.decoder = _Decoder(cfg)
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.arch == "bd3lms")
 
@@ -419,6 +402,12 @@ class BD3Net(nn.Module):
         s = tokens.shape[1]
         causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
         return self.run(tokens, torch.arange(s, device=tokens.device), attn_mask=causal)
+
+    def full_logits(self, xt: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [b, S, V] of ``xt`` [b, S] at positions 0..S-1 under full attention, conditioned on ``sigma``
+        [b] for time-conditioned models: the MDLM/SEDD training forward (x_t alone, no clean copy)."""
+        positions = torch.arange(xt.shape[1], device=xt.device)
+        return self.logits(self.run(xt, positions, sigma=sigma))
 
     def bd3_hidden(
         self, xt: torch.Tensor, x0: torch.Tensor, block_size: int | None = None, sigma: torch.Tensor | None = None

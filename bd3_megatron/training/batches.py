@@ -39,6 +39,7 @@ class MicroBatch:
     # every real token's attention, as the reference does with LM1B's attention_mask.
     padding: torch.Tensor | None = None
     valid: torch.Tensor | None = None  # [b] bool: False for padding rows of a short evaluation batch (weight 0)
+    sigma: torch.Tensor | None = None  # [b] fp32 total noise the backbone is conditioned on (time-conditioned modes)
 
     @property
     def num_tokens(self) -> int | torch.Tensor:
@@ -129,6 +130,7 @@ class BatchMaker:
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("x0", "xt", "masked", "weight", "t", "sample_index")),
             padding=None if padding is None else torch.cat([p.padding for p in parts]),
             valid=valid.to(self.device),
+            sigma=None if parts[0].sigma is None else torch.cat([p.sigma for p in parts]),
         )
         batch.weight[~batch.valid] = 0.0
         return batch

@@ -40,15 +40,32 @@ def _skip_cpu_shm_build() -> None:
 
 def local_grads(model: torch.nn.Module) -> list[torch.Tensor]:
     """The gradients this rank contributes to the global norm: tensor-parallel shards on every TP rank, replicated
-    tensors on TP rank 0 only (data-parallel replicas hold identical, already-averaged gradients)."""
+    tensors on TP rank 0 only (data-parallel replicas hold identical, already-averaged gradients), and tensors
+    replicated over the pipeline (the time embedding) on the first stage only (``ds_pipe_replicated`` elsewhere)."""
     from megatron.core import parallel_state as ps
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     return [
         p.grad
         for p in model.parameters()
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+        if p.grad is not None
+        and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+        and not getattr(p, "ds_pipe_replicated", False)
     ]
+
+
+def sum_pipeline_replicated_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients of parameters replicated on every pipeline stage (megatron's ``pipeline_parallel``
+    attribute: the time embedding of time-conditioned models) over the pipeline group, so every stage's copy takes
+    the same update, as megatron's ``finalize_model_grads`` does for conditional embedders. One all-reduce."""
+    from megatron.core import parallel_state as ps
+
+    grads = [p.grad for p in model.parameters() if getattr(p, "pipeline_parallel", False) and p.grad is not None]
+    if not grads or ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ps.get_pipeline_model_parallel_group())
+    torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 NORM_PIECE = 32768  # elements per fp32 partial norm: short enough that fp32 accumulation stays at ~1e-8 relative
@@ -248,6 +265,8 @@ class DeepSpeedEngine:
         """Apply the step after all micro-batches. Returns (global grad norm, applied). A non-finite gradient skips
         the update: ZeRO>=1 does that itself; for stage 0 the gradients are dropped before the optimizer sees them.
         An update that would leave a non-finite parameter or moment is not applied either (:class:`UpdateGuard`)."""
+        if self.pipeline:
+            sum_pipeline_replicated_grads(self.engine.module)
         if self.pipeline and self.reduce_gradients:
             self.engine.allreduce_gradients()
         if self.zero_stage == 0:

@@ -94,7 +94,7 @@ def run_schedule(
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         with ctx.runtime.autocast(dtype):
-            out = model(batch.xt, batch.x0, batch.masked, batch.weight, batch.padding)
+            out = model(batch.xt, batch.x0, batch.masked, batch.weight, batch.padding, batch.sigma)
         return out, partial(loss_from_head, batch, cfg.model.block_size)
 
     with device_redirect():
@@ -164,7 +164,7 @@ class TrainStep:
             reports = []
             for batch in micro:
                 with self.ctx.runtime.autocast(self.dtype):
-                    out = self.engine.engine(batch.xt, batch.x0, batch.masked, batch.weight, batch.padding)
+                    out = self.engine.engine(batch.xt, batch.x0, batch.masked, batch.weight, batch.padding, batch.sigma)
                 loss, report = loss_from_head(batch, self.cfg.model.block_size, out)
                 self.engine.backward(loss)
                 reports.append(report)
