@@ -85,7 +85,18 @@ def train_layout(rank: int, world: int, layout, cache_dir: str, log_dir: str, st
         return out
 
 
-VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+def train_and_save(rank: int, world: int, layout, cache_dir: str, log_dir: str, steps: int, extra=None) -> dict:
+    """:func:`train_layout`, then a checkpoint (``checkpoint.dir`` must be among ``extra``)."""
+    with trainer_for(layout, cache_dir, log_dir, extra) as trainer:
+        records = [trainer.train_step() for _ in range(steps)]
+        val = trainer.evaluate()
+        trainer.save()
+        out = gather_weights(trainer)
+        out.update(losses=[r["loss"] for r in records], val=val, last_stage=trainer.ctx.is_last_stage)
+        return out
+
+
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 def merge_full_weights(results: list[dict], vocab_size: int = 30522) -> dict[str, torch.Tensor]:

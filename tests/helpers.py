@@ -21,12 +21,22 @@ def tiny_model(
     noisy_half_last_layer: bool = True,
     recompute: bool = False,
     dropout: float = 0.0,
+    mode: str = "bd3",
+    arch: str = "megatron",
+    cond_dim: int = 0,
 ) -> BD3Model:
     """A 2-layer megatron-core BD3 model on a 61-token vocabulary, weights keyed by ``seed``. With
     ``noisy_half_last_layer=False`` the last layer returns every row, so ``encode`` can run arbitrary sequences
     (the naive references) with the same weights."""
     cfg = build_transformer_config(
-        num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=None, dropout=dropout, tp=1, pp=1
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        ffn_hidden_size=None,
+        dropout=dropout,
+        tp=1,
+        pp=1,
+        add_bias_linear=arch == "bd3lms",
     )
     spec = BD3Spec(
         vocab_size=VOCAB,
@@ -36,6 +46,9 @@ def tiny_model(
         attention_backend=backend,
         noisy_half_last_layer=noisy_half_last_layer,
         recompute=recompute,
+        mode=mode,
+        arch=arch,
+        cond_dim=cond_dim,
     )
     model = BD3Model(cfg, spec)
     init_parameters(model, seed)

@@ -60,3 +60,18 @@ def test_layout_matches_single_process(layout, reference, data_cache, tmp_path):
             )
             for name, t in r["params"].items():
                 assert torch.equal(t, twin["params"][name]), name
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["model.mode=mdlm", "model.block_size=16"], ["model.mode=ar", "model.block_size=1"]],
+    ids=["mdlm", "ar"],
+)
+def test_single_stream_modes_under_pipeline_parallelism(extra, data_cache, tmp_path):
+    """The stages of mdlm and ar exchange [L, b, h] activations (one stream), not bd3's [2L, b, h]: the schedule's
+    p2p shape comes from the mode. PP=2 trains like the single process."""
+    ref = run_ranks(train_layout, 1, (1, 1, 1, 0), data_cache, str(tmp_path / "ref"), STEPS, extra)[0]
+    results = run_ranks(train_layout, 2, (1, 2, 1, 0), data_cache, str(tmp_path / "pp2"), STEPS, extra)
+    last = next(r for r in results if r["last_stage"])
+    torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    assert last["val"]["val_nelbo"] == pytest.approx(ref["val"]["val_nelbo"], rel=1e-5)

@@ -32,10 +32,10 @@ def naive_mask(q: int, k: int, seq_len: int, block_size: int) -> bool:
 
 
 def test_registry_names_every_mode_and_refuses_unknown_ones():
-    assert set(MODES) == {"bd3", "mdlm", "ar"} and all(get_mode(n).name == n for n in MODES)
-    with pytest.raises(ValueError, match=r"model.mode must be one of bd3\|mdlm\|ar, got 'sedd'"):
-        get_mode("sedd")
-    with pytest.raises(ConfigError, match="model.mode must be bd3|mdlm|ar"):
+    assert set(MODES) == {"bd3", "mdlm", "ar", "sedd"} and all(get_mode(n).name == n for n in MODES)
+    with pytest.raises(ValueError, match=r"model.mode must be one of bd3\|mdlm\|ar\|sedd, got 'xyz'"):
+        get_mode("xyz")
+    with pytest.raises(ConfigError, match="model.mode must be bd3|mdlm|ar|sedd"):
         load_config(None, ["model.mode=xyz"])
 
 
@@ -47,16 +47,16 @@ def test_modes_validate_their_config():
     load_config(None, ["model.mode=mdlm", "model.seq_len=64", "model.block_size=64"])
 
 
-@pytest.mark.parametrize("name", ["bd3", "mdlm", "ar"])
+@pytest.mark.parametrize("name", ["bd3", "mdlm", "ar", "sedd"])
 def test_each_mode_reads_its_stream_under_its_mask(name):
     mode = get_mode(name)
     xt, x0 = torch.arange(L)[None], 100 + torch.arange(L)[None]
-    want_ids = {"bd3": torch.cat([xt, x0], 1), "mdlm": xt, "ar": x0}[name]
+    want_ids = {"bd3": torch.cat([xt, x0], 1), "mdlm": xt, "ar": x0, "sedd": xt}[name]
     assert torch.equal(mode.input_ids(xt, x0), want_ids) and want_ids.shape[1] == mode.streams * L
-    block = L if name == "mdlm" else LB
+    block = L if name in ("mdlm", "sedd") else LB
     mask = mode.attention_mask(L, block, "sdpa", torch.device("cpu"))
-    # bd3: the whole x_t ⊕ x mask; mdlm: its noisy half at L' = L (full attention); ar: its clean half at L' = 1
-    offset, size, b = {"bd3": (0, 2 * L, LB), "mdlm": (0, L, L), "ar": (L, L, 1)}[name]
+    # bd3: the whole x_t ⊕ x mask; mdlm, sedd: its noisy half at L' = L (full attention); ar: its clean half at L' = 1
+    offset, size, b = {"bd3": (0, 2 * L, LB), "mdlm": (0, L, L), "ar": (L, L, 1), "sedd": (0, L, L)}[name]
     want = torch.tensor([[naive_mask(offset + i, offset + j, L, b) for j in range(size)] for i in range(size)])
     assert torch.equal(mask, want)
 

@@ -19,6 +19,7 @@ from bd3_megatron.config import Config
 from bd3_megatron.diffusion.loss import nelbo
 from bd3_megatron.diffusion.variance import block_has_tokens, block_means
 from bd3_megatron.model.bd3_model import HeadOutput
+from bd3_megatron.modes import get_mode
 from bd3_megatron.parallel.collectives import gather_data_parallel, sum_data_parallel
 from bd3_megatron.parallel.device import device_redirect
 from bd3_megatron.parallel.state import ParallelContext
@@ -103,7 +104,7 @@ def run_schedule(
             data_iterator=iter(micro_batches),
             model=model,
             num_microbatches=len(micro_batches),
-            seq_length=2 * cfg.model.seq_len,
+            seq_length=get_mode(cfg.model.mode).streams * cfg.model.seq_len,  # the activations sent between stages
             micro_batch_size=cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
