@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING_MODES = ("bd3",)  # modes tools/sample.py and eval_ppl's generative perplexity can draw from
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,19 @@ class System:
 
     @property
     def samples(self) -> bool:
-        return self.mode in SAMPLING_MODES
+        """tools/sample.py and eval_ppl's generative perplexity can draw from it (bd3's block sampler, SEDD's
+        analytic sampler); AR scores the samples, MDLM has no sampler here."""
+        from bd3_megatron.modes import get_mode
+
+        mode = get_mode(self.mode)
+        return mode.block_sampler or mode.score_entropy
+
+    def sample_length(self, cap: int, seq_len: int) -> int:
+        """Tokens a variable-length sample may reach: ``cap`` for the block sampler (it slides past L), the context
+        after the BOS token (L - 1) for samplers that denoise their whole context at once (SEDD)."""
+        from bd3_megatron.modes import get_mode
+
+        return cap if get_mode(self.mode).block_sampler else min(cap, seq_len - 1)
 
 
 # the baselines train without BD3-LM's clip-window search and block resampling, as in the reference's AR/MDLM scripts
@@ -72,6 +83,8 @@ SYSTEMS: tuple[System, ...] = (
     System("bd3_l16", "BD3-LM L'=16", "bd3", 16),
     System("bd3_l8", "BD3-LM L'=8", "bd3", 8),
     System("bd3_l4", "BD3-LM L'=4", "bd3", 4),
+    # the reference's SEDD baseline: time-conditioned (model.arch=bd3lms, set by both presets for every system)
+    System("sedd", "SEDD", "sedd", None, _BASELINE),
 )
 # The paper's test-perplexity ordering, best first (OWT: AR 17.54, BD3 L'=4 <= 20.73, L'=8 <= 21.68, L'=16 <= 22.27,
 # MDLM <= 22.98, SEDD <= 24.10); names absent from a run are skipped when it is checked.
@@ -97,11 +110,16 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2-core CPU: 4x128 model, L=128, 800 steps of 8 sequences (the issue's small-scale setting), WordPiece vocabulary,
-    # on the embedded corpus; two runs side by side with one thread each.
+    # 2-core CPU: 4x128 model, L=128, 800 steps of 8 sequences (the issue's small-scale setting) on the embedded
+    # corpus, two runs side by side with one thread each. Byte vocabulary (258 ids) instead of WordPiece (30,522):
+    # at this size the WordPiece head is ~4/5 of the compute and its rare-token tail dominates the perplexities, so
+    # bytes buy ~7x the steps per minute and figures that separate the systems; perplexities are per byte.
+    # Every system uses the reference's DiT block (model.arch=bd3lms), which SEDD's time conditioning needs.
     "tiny": Preset(
         config="configs/tiny_cpu.yaml",
         overrides=(
+            "data.tokenizer=bytes",
+            "model.arch=bd3lms",
             "model.num_layers=4",
             "model.hidden_size=128",
             "model.num_heads=4",
@@ -120,7 +138,7 @@ PRESETS: dict[str, Preset] = {
         ),
         seeds=(1, 2),
         draws=4,
-        eval_rows=0,
+        eval_rows=512,
         gen_samples=8,
         var_samples=16,
         var_length=512,
@@ -136,7 +154,7 @@ PRESETS: dict[str, Preset] = {
     # each training through torchrun/srun with --train-prefix, or one system per Slurm array task with --systems.
     "paper": Preset(
         config="configs/owt_small_l4.yaml",
-        overrides=("sample.after_train=false", "log.progress=false"),
+        overrides=("model.arch=bd3lms", "sample.after_train=false", "log.progress=false"),
         seeds=(1,),
         draws=1,
         eval_rows=0,
@@ -462,7 +480,7 @@ def evaluate(plan: Plan, run: Run, say: Callable[[str], None]) -> None:
         "--num-samples",
         str(p.var_samples),
         "--length",
-        str(p.var_length),
+        str(run.system.sample_length(p.var_length, resolved_config(plan).model.seq_len)),
         "--nucleus-p",
         str(p.nucleus_p),
         "--seed",
