@@ -354,7 +354,9 @@ def test_damaged_or_foreign_ckpt_is_refused(tmp_path):
         (dict(arch="megatron"), (96, 95), False, "needs model.arch=bd3lms"),
         (dict(num_layers=4), (96, 95), False, "needs model.num_layers=2"),
         (dict(), (30522, 103), False, r"vocabulary 96 \(mask id 95\)"),
-        (dict(), (96, 95), True, "time-conditioned"),
+        (dict(), (96, 95), True, r"is time-conditioned .* but model.mode=bd3 is not; use model.mode=sedd"),
+        (dict(mode="sedd"), (96, 95), False, r"is not time-conditioned .* but model.mode=sedd is"),
+        (dict(mode="sedd", cond_dim=8), (96, 95), True, r"needs model.cond_dim=16 \(this run has 8\)"),
     ],
 )
 def test_init_from_refuses_a_run_that_cannot_hold_the_model(model, vocab, tc, message):
@@ -366,7 +368,11 @@ def test_init_from_refuses_a_run_that_cannot_hold_the_model(model, vocab, tc, me
     config, state = _read_json(HF_DIR / "config.json"), _read_weights(HF_DIR)
     ck = from_hf(dict(config, time_conditioning=tc), state)
     run = SimpleNamespace(
-        **dict(dict(arch="bd3lms", num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None), **model)
+        **{
+            **dict(arch="bd3lms", num_layers=2, hidden_size=32, num_heads=4, ffn_hidden_size=None),
+            **dict(mode="bd3", cond_dim=16),
+            **model,
+        }
     )
     with pytest.raises(CheckpointError, match=message):
         weights_for_rank(ck, run, *vocab, None, {}, {}, "HF")
