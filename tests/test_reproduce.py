@@ -25,7 +25,7 @@ def plan_for(tmp_path, *argv: str) -> rp.Plan:
 # ---------------------------------------------------------------------------------------------- planning
 def test_every_system_gets_its_mode_block_size_seed_and_folders(tmp_path):
     plan = plan_for(tmp_path, "--seeds", "3,5", "train.max_steps=7")
-    assert [r.key for r in plan.runs[:5]] == [f"{s.name} seed 3" for s in rp.SYSTEMS]
+    assert [r.key for r in plan.runs[: len(rp.SYSTEMS)]] == [f"{s.name} seed 3" for s in rp.SYSTEMS]
     assert len(plan.runs) == 2 * len(rp.SYSTEMS)
     by = {r.key: r for r in plan.runs}
     mdlm = rp.train_command(plan, by["mdlm seed 5"], 128)
@@ -36,6 +36,9 @@ def test_every_system_gets_its_mode_block_size_seed_and_folders(tmp_path):
     ar = rp.train_command(plan, by["ar seed 3"], 128)
     assert "model.mode=ar" in ar and "model.block_size=1" in ar and "diffusion.clip_search=false" in ar
     assert "model.block_size=16" in rp.train_command(plan, by["bd3_l16 seed 3"], 128)
+    sedd = rp.train_command(plan, by["sedd seed 3"], 128)
+    assert "model.mode=sedd" in sedd and "model.block_size=128" in sedd and "model.arch=bd3lms" in sedd
+    assert "data.tokenizer=bytes" in sedd  # the tiny preset's vocabulary, shared by every system
     # every config is valid and keeps the preset's steps; generative perplexity goes to the seed's AR run
     steps = rp.check_configs(plan, 128)
     assert set(steps.values()) == {7} and len(steps) == len(plan.runs)
@@ -45,6 +48,11 @@ def test_every_system_gets_its_mode_block_size_seed_and_folders(tmp_path):
     ar_ev = rp.eval_command(plan, by["ar seed 5"], tmp_path / "e.json")
     assert "--gen-ppl-model" not in ar_ev and ar_ev[ar_ev.index("--samples-per-seq") + 1] == "1"
     assert "--gen-ppl-model" not in rp.eval_command(plan, by["mdlm seed 5"], tmp_path / "e.json")
+    assert "--gen-ppl-model" in rp.eval_command(plan, by["sedd seed 5"], tmp_path / "e.json")
+    # variable-length samples: the block sampler slides past L; SEDD stays inside its context after the BOS token
+    assert by["bd3_l4 seed 3"].system.sample_length(512, 128) == 512
+    assert by["sedd seed 3"].system.sample_length(512, 128) == 127
+    assert by["sedd seed 3"].system.samples and not by["mdlm seed 3"].system.samples
     # without an AR run there is no scorer
     solo = plan_for(tmp_path, "--systems", "bd3_l4")
     assert "--gen-ppl-model" not in rp.eval_command(solo, solo.runs[0], tmp_path / "e.json")
@@ -60,7 +68,7 @@ def test_a_config_a_system_cannot_train_is_refused_before_anything_runs(tmp_path
     "argv, message",
     [
         (["--preset", "huge"], "unknown preset 'huge'; choose one of tiny, paper"),
-        (["--systems", "ar,sedd"], "unknown system(s) sedd; choose from ar, mdlm, bd3_l16, bd3_l8, bd3_l4"),
+        (["--systems", "ar,xyz"], "unknown system(s) xyz; choose from ar, mdlm, bd3_l16, bd3_l8, bd3_l4, sedd"),
         (["--draws", "0"], "--draws must be >= 1, got 0"),
         (["--jobs", "0"], "--jobs must be >= 1, got 0"),
         (["--seeds", "1,x"], "--seeds must be comma-separated integers"),
@@ -153,7 +161,7 @@ MICRO = [
 
 
 def reproduce(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "tools/reproduce.py", "--output", str(out), "--seeds", "1", "--systems", "ar,bd3_l4"]
+    argv = [sys.executable, "tools/reproduce.py", "--output", str(out), "--seeds", "1", "--systems", "ar,bd3_l4,sedd"]
     argv += ["--draws", "2", "--eval-rows", "8", "--gen-samples", "2", "--var-samples", "2", "--var-length", "16"]
     return subprocess.run([*argv, *extra, *MICRO], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -174,14 +182,17 @@ def test_micro_reproduction_writes_the_table_and_resumes(tmp_path):
     assert len(samples) == 2 and bd3["max_length"] == max(s["length"] for s in samples) <= 16
     assert bd3["nfe"] == pytest.approx(statistics.mean(s["nfe"] for s in samples))
     table = (out / "table.md").read_text()
-    assert "| AR | 1 | = " in table and "| BD3-LM L'=4 | 4 | ≤ " in table and "paper (best first): ar < bd3_l4" in table
+    assert "| AR | 1 | = " in table and "| BD3-LM L'=4 | 4 | ≤ " in table and "| SEDD | L | ≤ " in table
+    assert "paper (best first): ar < bd3_l4 < sedd" in table
+    sedd = results["runs"]["sedd"]["1"]
+    assert sedd["gen_ppl"] > 1 and sedd["max_length"] <= 16 and sedd["nfe"] == 33  # L + 1 network calls
     assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a rerun redoes nothing: every step's command is unchanged
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     t0 = time.time()
     again = reproduce(out)
-    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 3
     assert "[eval]" not in again.stdout and "[sample]" not in again.stdout and time.time() - t0 < 30
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name not in ("results.json",))
 
