@@ -332,7 +332,7 @@ def denoise_block(
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _stop_check(tokens: list[int], prompt_len: int, opts: SampleOptions, checked_from: int) -> tuple[str | None, int]:
+def stop_check(tokens: list[int], prompt_len: int, opts: SampleOptions, checked_from: int) -> tuple[str | None, int]:
     """(reason, new length) if the sample should stop after this block, else (None, len)."""
     if opts.eos_id is not None:
         for i in range(max(prompt_len, checked_from), len(tokens)):
@@ -342,6 +342,21 @@ def _stop_check(tokens: list[int], prompt_len: int, opts: SampleOptions, checked
     if w > 0 and len(tokens) > w and token_entropy(tokens[-w:]) < opts.entropy_min:
         return "entropy", max(prompt_len, len(tokens) - w)
     return None, len(tokens)
+
+
+def prompt_rows(prompt: Sequence[int] | torch.Tensor | None, num_samples: int, cfg) -> torch.Tensor:
+    """The prompt as [num_samples, p] int64 (p = 0 without one) from ids [p] shared by all samples or [n, p].
+    Raises ValueError for a row count other than ``num_samples``, ids outside the vocabulary or the mask id."""
+    if prompt is None:
+        return torch.zeros(num_samples, 0, dtype=torch.long)
+    prompt_t = torch.as_tensor(prompt, dtype=torch.long)
+    prompt_t = prompt_t.expand(num_samples, -1) if prompt_t.dim() == 1 else prompt_t
+    if prompt_t.shape[0] != num_samples:
+        raise ValueError(f"prompt has {prompt_t.shape[0]} rows for {num_samples} samples")
+    mask_id = cfg.mask_token_id
+    if ((prompt_t < 0) | (prompt_t >= cfg.vocab_size) | (prompt_t == mask_id)).any():
+        raise ValueError(f"prompt ids must lie in [0, {cfg.vocab_size}) and not be the mask id {mask_id}")
+    return prompt_t
 
 
 @torch.inference_mode()
@@ -376,15 +391,7 @@ def generate(
         raise ValueError(f"context length {context} must be a positive multiple of the block size {lb}")
     device = next(net.parameters()).device
     mask_id = cfg.mask_token_id
-    if prompt is None:
-        prompt_t = torch.zeros(num_samples, 0, dtype=torch.long)
-    else:
-        prompt_t = torch.as_tensor(prompt, dtype=torch.long)
-        prompt_t = prompt_t.expand(num_samples, -1) if prompt_t.dim() == 1 else prompt_t
-        if prompt_t.shape[0] != num_samples:
-            raise ValueError(f"prompt has {prompt_t.shape[0]} rows for {num_samples} samples")
-        if ((prompt_t < 0) | (prompt_t >= cfg.vocab_size) | (prompt_t == mask_id)).any():
-            raise ValueError(f"prompt ids must lie in [0, {cfg.vocab_size}) and not be the mask id {mask_id}")
+    prompt_t = prompt_rows(prompt, num_samples, cfg)
     p = prompt_t.shape[1]
     full = p - p % lb
     total = p + opts.length
@@ -418,7 +425,7 @@ def generate(
             seqs[i].extend(rows[j])
             reason, keep = (None, len(seqs[i]))
             if opts.var_length:
-                reason, keep = _stop_check(seqs[i], p, opts, cur - lb)
+                reason, keep = stop_check(seqs[i], p, opts, cur - lb)
             if reason is None and cur >= total:
                 reason, keep = "length", total
             if reason is None:

@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from bd3_megatron.diffusion.sedd import analytic_sample, sedd_log_score
-from bd3_megatron.sampling.kv_sampler import SampleOptions, SampleResult, SampleStats, _stop_check, sample_generator
+from bd3_megatron.sampling.kv_sampler import (
+    SampleOptions,
+    SampleResult,
+    SampleStats,
+    prompt_rows,
+    sample_generator,
+    stop_check,
+)
 from bd3_megatron.sampling.net import BD3Net
 
 
@@ -39,12 +46,7 @@ def generate_sedd(
         raise ValueError(f"the SEDD sampler needs a time-conditioned model; this one is model.mode={cfg.mode}")
     device = next(net.parameters()).device
     mask_id = cfg.mask_token_id
-    prompt_t = torch.zeros(num_samples, 0, dtype=torch.long) if prompt is None else torch.as_tensor(prompt).long()
-    prompt_t = prompt_t.expand(num_samples, -1) if prompt_t.dim() == 1 else prompt_t
-    if prompt_t.shape[0] != num_samples:
-        raise ValueError(f"prompt has {prompt_t.shape[0]} rows for {num_samples} samples")
-    if ((prompt_t < 0) | (prompt_t >= cfg.vocab_size) | (prompt_t == mask_id)).any():
-        raise ValueError(f"prompt ids must lie in [0, {cfg.vocab_size}) and not be the mask id {mask_id}")
+    prompt_t = prompt_rows(prompt, num_samples, cfg)
     p = prompt_t.shape[1]
     if p + opts.length > cfg.seq_len:
         raise ValueError(
@@ -70,7 +72,7 @@ def generate_sedd(
     for i, row in enumerate(out[:, : p + opts.length].tolist()):
         reason, keep = "length", len(row)
         if opts.var_length:
-            found, cut = _stop_check(row, p, opts, p)
+            found, cut = stop_check(row, p, opts, p)
             if found is not None:
                 reason, keep = found, cut
         stats.results.append(SampleResult(first_index + i, row[:keep], p, steps + 1, reason, seconds))
