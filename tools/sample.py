@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=str, default=None, help="text the samples continue")
     p.add_argument("--no-bos", action="store_true", help="do not start at a document boundary token")
     p.add_argument("--fixed-length", action="store_true", help="no EOS/entropy stopping")
+    p.add_argument(
+        "--entropy-min",
+        type=float,
+        default=None,
+        help="stop a sample where the entropy of its last 256 tokens falls below this (nats); default: the "
+        "tokenizer's (4.0 for subwords as the reference, 2.5 for bytes)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="samples generated together")
     p.add_argument("--output", type=Path, default=None, help="write one JSON object per sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from bd3_megatron.parallel.device import local_device
     from bd3_megatron.sampling.kv_sampler import SampleOptions, generate
     from bd3_megatron.sampling.net import build_net
+    from data_pipeline.tokenizers import entropy_floor
 
     try:
         if args.num_samples < 1 or args.batch_size < 1:
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             var_length=not args.fixed_length,
             eos_id=tok.eos_token_id if tok else None,
+            entropy_min=entropy_floor(ck.tokenizer) if args.entropy_min is None else args.entropy_min,
         )
         opts.validate()
         out_fh = None
