@@ -19,7 +19,8 @@
 # which calls sbatch twice: `--array=0-(N-1) slurm/reproduce_array.sh train ...` with N = the number of lines of
 # `bd3-reproduce --preset paper --list-runs` (the array index is that list's line: bd3-reproduce owns the mapping),
 # and `--dependency=afterok:<array> --kill-on-invalid-dep=yes ... slurm/reproduce_array.sh table ...` on 1 node with
-# 1 GPU. The two steps can also be submitted by hand with the same arguments (`sbatch --array=0-4 ... train`).
+# 1 GPU, 8 CPUs, 64 GB, 48 h; both write their logs to REPRO_DIR/slurm/. The two steps can also be submitted by hand
+# with the same arguments and environment (`sbatch --array=0-4 slurm/reproduce_array.sh train ...`).
 #
 # train (one array task): `bd3-reproduce --run-index $SLURM_ARRAY_TASK_ID --launch-args` gives the run's config and
 # launcher.train overrides (mode, block size, seed, REPRO_DIR/seed_S/SYSTEM/{checkpoints,log}); slurm/launch.sh then
@@ -42,14 +43,15 @@
 # job only (they come last, so they win: e.g. "--time=72:00:00 --gpus-per-node=a100:1").
 # Environment variables read by this script (all optional; submit passes them on to both jobs):
 #   REPRO_DIR      root of the reproduction on a shared filesystem: one run folder per system and seed, the table
-#                  (-> bd3-reproduce --output; default $BD3_ROOT/runs/reproduce_paper)
+#                  (-> bd3-reproduce --output; default $BD3_ROOT/runs/reproduce_paper; relative: to $BD3_ROOT)
 #   SEEDS          comma-separated training seeds (-> --seeds; default the preset's: 1)
 #   SYSTEMS        comma-separated subset of the systems (-> --systems; default all of them)
 #   ARRAY_LIMIT    at most this many array tasks at a time (--array=0-(N-1)%ARRAY_LIMIT; default no limit)
 #   TABLE_SBATCH_ARGS  extra sbatch options for the table job (see above)
 #   BD3_ROOT       repository checkout to run from (default: the directory sbatch was called from)
 #   VENV, PYTHON   Python environment (default: $BD3_ROOT/.venv, $VENV/bin/python; see scripts/setup_env.sh); the
-#                  batch host runs it for bd3-reproduce, so it must exist there even with CONTAINER
+#                  batch host runs it for bd3-reproduce, so it must exist there even with CONTAINER; PYTHONPATH is
+#                  kept behind $BD3_ROOT, so this checkout's code is the one imported
 #   DATA_PATH      training data: prepared shards, raw text or a bucket URL (-> data.path of every run)
 #   MICRO_BATCH    sequences per GPU per micro-step (default 4: 4 x 128 GPUs = global batch 512)
 #   WANDB_PROJECT  Weights & Biases logging into this project for every run (-> log.wandb=true, log.wandb_project);
@@ -81,13 +83,16 @@ if [ "$mode" != submit ]; then
 else
   ROOT=${BD3_ROOT:-$PWD}
 fi
-[ -f "$ROOT/launcher/train.py" ] || die "$ROOT is not a bd3-megatron checkout: run from the repository root or set BD3_ROOT"
+[ -f "$ROOT/launcher/train.py" ] ||
+  die "$ROOT is not a bd3-megatron checkout: run from the repository root or set BD3_ROOT"
 cd "$ROOT"
 PYTHON=${PYTHON:-${VENV:-$ROOT/.venv}/bin/python}
 [ -x "$PYTHON" ] || die "no Python at $PYTHON: run scripts/setup_env.sh or set VENV/PYTHON"
-REPRO_DIR=${REPRO_DIR:-$ROOT/runs/reproduce_paper}
+REPRO_DIR=$(realpath -m "${REPRO_DIR:-$ROOT/runs/reproduce_paper}")  # a relative one: under BD3_ROOT
+export REPRO_DIR  # submit: the same folder for both jobs
 for var in RUN_DIR CKPT_DIR INIT_FROM CONFIG; do
-  [ -z "${!var:-}" ] || die "$var is set: bd3-reproduce sets each run's config and folders under REPRO_DIR ($REPRO_DIR); unset it"
+  [ -z "${!var:-}" ] ||
+    die "$var is set: bd3-reproduce sets each run's config and folders under REPRO_DIR ($REPRO_DIR); unset it"
 done
 
 # bd3-reproduce's options and overrides: the same in every mode, so the table job sees the runs the tasks trained
@@ -98,19 +103,23 @@ overrides=("train.micro_batch_size=${MICRO_BATCH:-4}")
 [ -z "${DATA_PATH:-}" ] || overrides+=("data.path=$DATA_PATH")
 [ -z "${WANDB_PROJECT:-}" ] || overrides+=(log.wandb=true "log.wandb_project=$WANDB_PROJECT")
 overrides+=("$@")
-reproduce() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m tools.reproduce "${repro[@]}" "$@" "${overrides[@]}"; }
+reproduce() {
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m tools.reproduce "${repro[@]}" "$@" "${overrides[@]}"
+}
 
 if [ "$mode" = submit ]; then
   command -v sbatch >/dev/null || die "sbatch not found: submit from a Slurm login node"
   runs=$(reproduce --list-runs)  # bad settings end here, with bd3-reproduce's error line
   n=$(wc -l <<< "$runs")
   log "$n runs: $(tr '\n' ',' <<< "$runs" | sed 's/,$//; s/,/, /g')"
-  array=$(sbatch --parsable --array="0-$((n - 1))${ARRAY_LIMIT:+%$ARRAY_LIMIT}" "$script" train "$@")
+  mkdir -p "$REPRO_DIR/slurm"  # the jobs' logs, next to the runs
+  array=$(sbatch --parsable --array="0-$((n - 1))${ARRAY_LIMIT:+%$ARRAY_LIMIT}" \
+    --output="$REPRO_DIR/slurm/%x-%A_%a.out" "$script" train "$@")
   array=${array%%;*}
   read -r -a table_extra <<< "${TABLE_SBATCH_ARGS:-}"
   table=$(sbatch --parsable --dependency="afterok:$array" --kill-on-invalid-dep=yes --job-name=bd3-repro-table \
-    --output=slurm-%x-%j.out --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=8 --mem=64G \
-    --time=48:00:00 "${table_extra[@]}" "$script" table "$@")
+    --output="$REPRO_DIR/slurm/%x-%j.out" --nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --cpus-per-task=8 \
+    --mem=64G --time=48:00:00 "${table_extra[@]}" "$script" table "$@")
   table=${table%%;*}
   log "submitted array job $array (tasks 0-$((n - 1)), one per line above) and table job $table (after every task)"
   echo "$array $table"
@@ -151,7 +160,8 @@ if [ "$mode" = table ]; then
 fi
 
 # ---- train: one array task = one run of bd3-reproduce's list, launched like every GPU script
-[ -n "${SLURM_ARRAY_TASK_ID:-}" ] || die "train runs as an array task: submit with bash $0 submit (or sbatch --array=...)"
+[ -n "${SLURM_ARRAY_TASK_ID:-}" ] ||
+  die "train runs as an array task: submit with bash $0 submit (or sbatch --array=...)"
 launch_out=$(reproduce --run-index "$SLURM_ARRAY_TASK_ID" --launch-args)
 mapfile -t run_args <<< "$launch_out"
 [ "${run_args[0]}" = --config ] || die "unexpected bd3-reproduce --launch-args output: ${run_args[*]}"
