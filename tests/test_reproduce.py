@@ -68,7 +68,10 @@ def test_a_config_a_system_cannot_train_is_refused_before_anything_runs(tmp_path
         (["train.max_steps"], "override 'train.max_steps' must be section.key=value"),
         (["model.seq_len=40"], "system bd3_l16: model.seq_len (40) must be divisible by model.block_size (16)"),
         (["model.nope=1"], "model.nope"),
-        (["--run-index", "10", "--launch-args"], "--run-index 10 is out of range: this plan has 10 runs, 0-9"),
+        (
+            ["--run-index", "99", "--launch-args"],
+            f"--run-index 99 is out of range: this plan has {2 * len(rp.SYSTEMS)} runs",
+        ),
         (["--run-index", "-1", "--list-runs"], "--run-index -1 is out of range"),
         (["--run-index", "0"], "--run-index picks one run: use it with --train-only"),
         (["--mark-trained"], "--mark-trained needs --run-index N"),

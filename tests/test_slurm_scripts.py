@@ -238,11 +238,14 @@ def test_array_task_dry_run_trains_its_run_of_the_list(tmp_path):
 
 
 def test_array_task_with_an_index_past_the_list_is_one_error_line(tmp_path):
-    env = {**fake_allocation(16, 8, 8), "SLURM_ARRAY_TASK_ID": "5", "REPRO_DIR": str(tmp_path / "repro")}
+    from tools.reproduce import SYSTEMS
+
+    n = len(SYSTEMS)  # the paper preset: one seed
+    env = {**fake_allocation(16, 8, 8), "SLURM_ARRAY_TASK_ID": str(n), "REPRO_DIR": str(tmp_path / "repro")}
     res = run_array(env, "train")
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: --run-index 5 is out of range: this plan has 5 runs, 0-4"), lines
+    assert lines[0].startswith(f"error: --run-index {n} is out of range: this plan has {n} runs, 0-{n - 1}"), lines
     assert "srun" not in res.stdout
 
 
