@@ -8,7 +8,9 @@
 #     (a requeued job waits ~2 min (BeginTime) before Slurm restarts it: CI starts it at once with StartTime=now)
 #     then check the finished run's metrics.jsonl and final checkpoint;
 #  3. restart the cluster as 16 nodes x 8 (fake) GPUs: `sbatch --test-only` every GPU script, run each with DRY_RUN=1
-#     (the script's own allocation checks + the srun line), and check a wrong tasks-per-node is refused;
+#     (the script's own allocation checks + the srun line), and check a wrong tasks-per-node is refused; submit the
+#     reproduction array (slurm/reproduce_array.sh submit: one task per run of bd3-reproduce --list-runs + the afterok
+#     table job) with DRY_RUN=1 and check each task's run and srun line and the table job's command;
 #  4. stop every daemon it started, by pid, also on failure (trap).
 # Needs root and the project's .venv (scripts/setup_env.sh). Usage: bash scripts/ci_slurm.sh
 set -euo pipefail
@@ -165,3 +167,27 @@ JOB=$(DRY_RUN=1 sbatch --parsable --ntasks-per-node=4 -o "$JOB_OUT" slurm/owt_l4
 if bash "$CLUSTER" wait "$JOB" 2>/dev/null; then fail "4 tasks per node on 8-GPU nodes was accepted"; fi
 grep -q "error: 4 tasks per node but 8 GPUs per node" "$JOB_OUT" || fail "wrong refusal: $(cat "$JOB_OUT")"
 say "4 tasks on 8-GPU nodes refused with one error line"
+
+# the reproduction array: the submit path itself (sbatch twice: the array, then the table job after it), every job
+# a dry run; task I must launch line I of bd3-reproduce --list-runs on 16 x 8 GPUs, the table job must run last
+script=slurm/reproduce_array.sh
+out=$(sbatch --test-only --array=0-4 "$script" train 2>&1) || fail "sbatch --test-only $script: $out"
+echo "$out" | grep -q "in partition gpu" || fail "sbatch --test-only $script: $out"
+REPRO=$WORK/repro
+ids=$(DRY_RUN=1 REPRO_DIR=$REPRO TABLE_SBATCH_ARGS=--mem=1G bash "$script" submit | tail -n 1) || fail "$script submit"
+read -r array table <<< "$ids"
+JOB_OUT=$REPRO/slurm/bd3-repro-table-$table.out
+bash "$CLUSTER" wait "$table" || fail "$script: table job $table did not complete: $(tail -n 5 "$REPRO"/slurm/*.out)"
+mapfile -t runs < <(PYTHONPATH=$ROOT "$PYTHON" -m tools.reproduce --preset paper --output "$REPRO" --list-runs)
+(( ${#runs[@]} >= 5 )) || fail "bd3-reproduce --list-runs gave ${#runs[@]} runs"
+for i in "${!runs[@]}"; do
+  name=${runs[i]% *} seed=${runs[i]#* } task_out=$REPRO/slurm/bd3-repro-${array}_$i.out
+  grep -q "array task $i of job $array: system $name, seed $seed" "$task_out" || fail "task $i: $(cat "$task_out")"
+  grep -q "16 nodes x 8 tasks on node\[01-16\], master node01:" "$task_out" || fail "task $i: $(cat "$task_out")"
+  srun_line="srun --kill-on-bad-exit=1 --ntasks=128 --ntasks-per-node=8 --cpus-per-task=8 .*"
+  grep -q "$srun_line checkpoint.dir=$REPRO/seed_$seed/$name/checkpoints " "$task_out" ||
+    fail "task $i: unexpected srun line: $(cat "$task_out")"
+done
+grep -q "tools.reproduce --preset paper --output $REPRO --eval-only train.micro_batch_size=4" "$JOB_OUT" ||
+  fail "table job: $(cat "$JOB_OUT")"
+say "$script: --test-only ok, submit ok: ${#runs[@]} array tasks (one per run of --list-runs) then the table job"

@@ -68,4 +68,6 @@ if (( stop_requested && rc == 0 )); then
   exit 0
 fi
 log "training ended with exit code $rc"
+# a recipe's own step after a run that ended at its last step (reproduce_array.sh records the run as trained)
+if (( rc == 0 )) && declare -F after_training >/dev/null; then after_training; fi
 exit "$rc"

@@ -76,6 +76,14 @@ def test_a_config_a_system_cannot_train_is_refused_before_anything_runs(tmp_path
         (["train.max_steps"], "override 'train.max_steps' must be section.key=value"),
         (["model.seq_len=40"], "system bd3_l16: model.seq_len (40) must be divisible by model.block_size (16)"),
         (["model.nope=1"], "model.nope"),
+        (
+            ["--run-index", "99", "--launch-args"],
+            f"--run-index 99 is out of range: this plan has {2 * len(rp.SYSTEMS)} runs",
+        ),
+        (["--run-index", "-1", "--list-runs"], "--run-index -1 is out of range"),
+        (["--run-index", "0"], "--run-index picks one run: use it with --train-only"),
+        (["--mark-trained"], "--mark-trained needs --run-index N"),
+        (["--train-only", "--eval-only"], "--eval-only and --train-only exclude each other"),
     ],
 )
 def test_bad_input_is_one_error_line_exit_2_and_nothing_written(tmp_path, capsys, argv, message):
@@ -90,6 +98,64 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "f").write_text("keep me")
     assert rp.main(["--output", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "f").read_text() == "keep me"
+
+
+def test_list_runs_and_run_index_map_every_run_exactly_once_in_a_stable_order(tmp_path, capsys):
+    base = ["--output", str(tmp_path / "out"), "--seeds", "2,1"]
+    assert rp.main([*base, "--list-runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{s.name} {seed}" for seed in (2, 1) for s in rp.SYSTEMS]  # seeds as given, then SYSTEMS
+    assert rp.main([*base, "--list-runs"]) == 0 and capsys.readouterr().out.splitlines() == lines
+    for index, line in enumerate(lines):
+        name, seed = line.split()
+        assert rp.main([*base, "--run-index", str(index), "--list-runs"]) == 0
+        assert capsys.readouterr().out.splitlines() == [line]
+        assert rp.main([*base, "--run-index", str(index), "--launch-args", "train.max_steps=9"]) == 0
+        argv = capsys.readouterr().out.splitlines()
+        assert argv[:2] == ["--config", str(ROOT / "configs/tiny_cpu.yaml")]
+        assert argv[-1] == "train.max_steps=9" and f"train.seed={seed}" in argv
+        assert f"checkpoint.dir={tmp_path / 'out' / f'seed_{seed}' / name / 'checkpoints'}" in argv
+        system = next(s for s in rp.SYSTEMS if s.name == name)
+        assert f"model.mode={system.mode}" in argv
+    assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+def test_a_run_trained_by_an_outside_launcher_is_recorded_and_then_skipped(tmp_path):
+    argv = ["--systems", "ar,bd3_l4", "train.max_steps=7"]
+    plan = plan_for(tmp_path, "--run-index", "1", "--mark-trained", *argv)
+    plan.max_steps = rp.check_configs(plan, 128)
+    (run,) = plan.runs
+    assert run.key == "bd3_l4 seed 1"
+    with pytest.raises(rp.UsageError, match="at step None, not the last step 7: not trained yet"):
+        rp.mark_trained(plan, run, 128)
+    run.ckpt.mkdir(parents=True)
+    (run.ckpt / "latest").write_text("step_00000006\n")  # e.g. preempted one step before the end
+    with pytest.raises(rp.UsageError, match="at step 6, not the last step 7"):
+        rp.mark_trained(plan, run, 128)
+    (run.ckpt / "latest").write_text("step_00000007\n")
+    plan.train_prefix = ["srun", "--ntasks=128", "/venv/bin/python"]
+    rp.mark_trained(plan, run, 128)
+    rec = json.loads((run.folder / "train.json").read_text())
+    assert rec["command"] == rp.train_command(plan, run, 128) and rec["step"] == 7 and rec["seconds"] is None
+    # a later call with another launcher skips it; one with other settings does not, and --eval-only refuses it
+    table = plan_for(tmp_path, "--eval-only", *argv)
+    table.max_steps = rp.check_configs(table, 128)
+    said = []
+    rp.train(table, table.runs[1], 128, said.append, eval_only=True)
+    assert said == ["[train] bd3_l4 seed 1: done before, skipped"]
+    other = plan_for(tmp_path, "--eval-only", *argv, "optim.lr=1e-4")
+    assert not rp.is_trained(other, other.runs[1], 128)
+    with pytest.raises(rp.StepFailed, match="bd3_l4 seed 1: not trained with these settings"):
+        rp.train(other, other.runs[1], 128, said.append, eval_only=True)
+    with pytest.raises(rp.StepFailed, match="ar seed 1: not trained"):
+        rp.train(table, table.runs[0], 128, said.append, eval_only=True)
+
+
+def test_eval_only_with_an_untrained_run_is_one_error_line_and_exit_1(tmp_path, capsys):
+    assert rp.main(["--output", str(tmp_path / "out"), "--systems", "ar", "--seeds", "1", "--eval-only"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ar seed 1: not trained with these settings"), err
+    assert not (tmp_path / "out" / "seed_1").exists()
 
 
 def test_latest_step_reads_the_tracker(tmp_path):

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ GPU_SCRIPTS = {  # script -> (config, total GPUs, default micro batch)
     "slurm/lm1b_l4_32gpu.sh": ("configs/lm1b_l4.yaml", 32, 16),
 }
 ALL_SCRIPTS = [*GPU_SCRIPTS, "slurm/tiny_cpu.sh"]
+ARRAY = "slurm/reproduce_array.sh"  # bd3-reproduce's paper preset as a job array: one task per run, then the table
 LAUNCH = ROOT / "slurm/launch.sh"
 
 
@@ -41,10 +43,15 @@ def header(text: str) -> str:
     return text[: text.index("\nset -euo pipefail")]
 
 
-def run_script(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def run_script(script: str, env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "MASTER_"))}
     return subprocess.run(
-        ["bash", str(ROOT / script), *args], env={**base, **env}, capture_output=True, text=True, cwd="/", timeout=30
+        ["bash", str(ROOT / script), *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=timeout,
     )
 
 
@@ -77,14 +84,14 @@ def config_from_argv(argv: list[str]):
 
 
 @pytest.mark.parametrize(
-    "script", [*ALL_SCRIPTS, "slurm/launch.sh", "scripts/ci_slurm.sh", "scripts/slurm_local_cluster.sh"]
+    "script", [*ALL_SCRIPTS, ARRAY, "slurm/launch.sh", "scripts/ci_slurm.sh", "scripts/slurm_local_cluster.sh"]
 )
 def test_bash_syntax(script):
     res = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("script", ALL_SCRIPTS)
+@pytest.mark.parametrize("script", [*ALL_SCRIPTS, ARRAY])
 def test_preemption_directives(script):
     d = directives((ROOT / script).read_text())
     assert "requeue" in d and d.get("open-mode") == "append"
@@ -104,16 +111,17 @@ def test_gpu_directives_match_recipe_layout(script):
     assert cfg.train.global_batch_size == 512 == micro * dp  # the paper's batch, no accumulation needed
 
 
-@pytest.mark.parametrize("script", ALL_SCRIPTS)
+@pytest.mark.parametrize("script", [*ALL_SCRIPTS, ARRAY])
 def test_every_environment_setting_is_documented(script):
     own = (ROOT / script).read_text()
     text = own + LAUNCH.read_text()  # what the script reads itself and through the shared launch
     read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):[-+]", text)) - {"SLURM_SUBMIT_DIR"}
     read = {v for v in read if not v.startswith("SLURM_")}
-    assert {"CONFIG", "DATA_PATH", "RUN_DIR", "CKPT_DIR", "WANDB_PROJECT", "CONTAINER", "VENV", "PYTHON"} <= read
+    assert {"DATA_PATH", "RUN_DIR", "CKPT_DIR", "WANDB_PROJECT", "CONTAINER", "VENV", "PYTHON"} <= read
+    assert "CONFIG" in read or script == ARRAY  # the array's config comes from bd3-reproduce (CONFIG is refused)
     undocumented = sorted(v for v in read if v not in header(own))
     assert not undocumented, f"{script} reads {undocumented} but its header does not document them"
-    if script in GPU_SCRIPTS:
+    if script in [*GPU_SCRIPTS, ARRAY]:
         for nccl in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
             assert nccl in header(own)
         assert "SBATCH_PARTITION" in header(own) and "SBATCH_ACCOUNT" in header(own)
@@ -181,3 +189,93 @@ def test_tiny_cpu_dry_run_forces_cpu(tmp_path):
     cfg = config_from_argv(launcher_argv(res.stdout))
     assert cfg.parallel.device == "cpu" and cfg.data.tokenizer == "bert-base-uncased"
     assert validate_layout(cfg, 2) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the reproduction array
+def run_array(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """slurm/reproduce_array.sh with this test's Python (it runs bd3-reproduce on the batch host)."""
+    return run_script(ARRAY, {"PYTHON": sys.executable, **env}, *args, timeout=180)
+
+
+def list_runs(repro: Path, seeds: str) -> list[str]:
+    argv = [sys.executable, "-m", "tools.reproduce", "--preset", "paper", "--output", str(repro), "--seeds", seeds]
+    res = subprocess.run([*argv, "--list-runs"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.splitlines()
+
+
+def test_array_task_dry_run_trains_its_run_of_the_list(tmp_path):
+    """Array index I trains line I of bd3-reproduce --list-runs through slurm/launch.sh on 16 x 8 GPUs, with the run's
+    mode, block size, seed and folders, the environment's settings and the overrides given after the script."""
+    from tools import reproduce as rp
+
+    repro = tmp_path / "repro"
+    runs = list_runs(repro, "1,2")
+    assert len(runs) == 2 * len(rp.SYSTEMS) == len(set(runs))
+    for index in (0, 3, len(runs) - 1):  # AR of seed 1, BD3 L'=8 of seed 1, the last system of seed 2
+        name, seed = runs[index].split()
+        env = {
+            **fake_allocation(16, 8, 8),
+            "SLURM_ARRAY_JOB_ID": "4240",
+            "SLURM_ARRAY_TASK_ID": str(index),
+            "REPRO_DIR": str(repro),
+            "SEEDS": "1,2",
+            "DATA_PATH": str(tmp_path / "data"),
+        }
+        res = run_array(env, "train", "optim.lr=1e-4")
+        assert res.returncode == 0, res.stderr
+        assert f"array task {index} of job 4240: system {name}, seed {seed}" in res.stdout
+        assert "srun --kill-on-bad-exit=1 --ntasks=128 --ntasks-per-node=8 --cpus-per-task=8 " in res.stdout
+        assert "dry run: not launching" in res.stdout and not (repro / f"seed_{seed}").exists()
+        cfg = config_from_argv(launcher_argv(res.stdout))
+        system = next(s for s in rp.SYSTEMS if s.name == name)
+        assert cfg.model.mode == system.mode and cfg.train.seed == int(seed)
+        assert cfg.model.block_size == (system.block_size or cfg.model.seq_len)
+        assert cfg.checkpoint.dir == str(repro / f"seed_{seed}" / name / "checkpoints")
+        assert cfg.log.dir == str(repro / f"seed_{seed}" / name / "log")
+        assert cfg.data.path == str(tmp_path / "data") and cfg.optim.lr == pytest.approx(1e-4)
+        assert validate_layout(cfg, 128) * cfg.train.micro_batch_size == cfg.train.global_batch_size == 512
+
+
+def test_array_task_with_an_index_past_the_list_is_one_error_line(tmp_path):
+    from tools.reproduce import SYSTEMS
+
+    n = len(SYSTEMS)  # the paper preset: one seed
+    env = {**fake_allocation(16, 8, 8), "SLURM_ARRAY_TASK_ID": str(n), "REPRO_DIR": str(tmp_path / "repro")}
+    res = run_array(env, "train")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: --run-index {n} is out of range: this plan has {n} runs, 0-{n - 1}"), lines
+    assert "srun" not in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        ([], {}, "first argument must be submit, train or table"),
+        (["train"], {"SLURM_ARRAY_TASK_ID": None}, "train runs as an array task"),
+        (["train"], {"RUN_DIR": "/x"}, "RUN_DIR is set: bd3-reproduce sets each run's config and folders"),
+        (["table"], {"SLURM_GPUS_ON_NODE": None}, "no GPU in this allocation"),
+        (["table"], {"SLURM_NTASKS": "8"}, "the table job is one process"),
+        (["train"], {"SLURM_JOB_ID": None}, "not inside a Slurm job"),
+    ],
+)
+def test_array_refusals_are_one_error_line(tmp_path, args, env, message):
+    full = {**fake_allocation(1, 1, 1), "SLURM_ARRAY_TASK_ID": "0", "REPRO_DIR": str(tmp_path / "repro"), **env}
+    res = run_array({k: v for k, v in full.items() if v is not None}, *args)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "srun" not in res.stdout
+
+
+def test_table_job_dry_run_evaluates_the_same_runs_and_trains_none(tmp_path):
+    repro = tmp_path / "repro"
+    env = {**fake_allocation(1, 1, 1), "REPRO_DIR": str(repro), "SEEDS": "1,2", "SYSTEMS": "ar,bd3_l4"}
+    res = run_array(env, "table", "optim.lr=1e-4")
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if "-m tools.reproduce " in ln)
+    words = shlex.split(line.split("] ", 1)[1])
+    assert words[words.index("tools.reproduce") + 1 :] == [
+        *("--preset", "paper", "--output", str(repro), "--seeds", "1,2", "--systems", "ar,bd3_l4", "--eval-only"),
+        *("train.micro_batch_size=4", "optim.lr=1e-4"),  # the array tasks' overrides: the runs they trained
+    ]
+    assert "dry run: not evaluating" in res.stdout and not repro.exists()

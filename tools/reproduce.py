@@ -16,9 +16,15 @@ setting redoes only what it affects. Runs go side by side (``--jobs``, each with
 The results land in ``DIR/results.json``, ``DIR/table.md`` (mean +- standard deviation over seeds, and whether the
 paper's perplexity ordering appears) and ``DIR/table.png``.
 
-On a cluster (the ``paper`` preset) train one system per job, e.g. a Slurm array task per system with
-``--systems NAME --train-only --train-prefix "srun python"``, then run the full command once after the array
-(``--dependency=afterok``, same prefix): the trained runs are skipped and it evaluates and writes the table.
+On a cluster (the ``paper`` preset) train each run as its own distributed job: ``--list-runs`` prints the plan's
+runs, one ``SYSTEM SEED`` per line in a fixed order (seeds, then systems as in :data:`SYSTEMS`), and ``--run-index N``
+picks the N-th (from 0) of them, either to train it here (``--train-only --train-prefix "srun ... python"``) or for
+an outside launcher: ``--launch-args`` prints its ``launcher.train`` arguments, one per line, and ``--mark-trained``
+records it as trained once that launcher has taken it to its last step. ``slurm/reproduce_array.sh`` does this as a
+Slurm job array, one task per run through ``slurm/launch.sh``, followed by one job with ``--eval-only`` (every run
+must be trained; none is trained there) that evaluates and writes the table. A run counts as trained when its
+``train.json`` records the same ``launcher.train`` arguments: the launcher in front of them (python, torchrun, srun)
+decides where it ran, not what was trained.
 
 The system list is data (:data:`SYSTEMS`): a new model family is one more entry. Metrics a system's mode has no
 tool for (samples of ``ar`` and ``mdlm``: the sampler and ``tools/eval_ppl.py --gen-ppl-model`` draw from bd3
@@ -248,6 +254,21 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; give a folder (it is created if missing)")
     runs = [Run(by_name[n], seed, output / f"seed_{seed}" / n) for seed in preset.seeds for n in names]
+    if args.run_index is not None:
+        if not (args.train_only or args.launch_args or args.mark_trained or args.list_runs):
+            raise UsageError(
+                "--run-index picks one run: use it with --train-only, --launch-args, --mark-trained or --list-runs"
+            )
+        if not 0 <= args.run_index < len(runs):
+            raise UsageError(
+                f"--run-index {args.run_index} is out of range: this plan has {len(runs)} runs, 0-{len(runs) - 1} "
+                "(--list-runs prints them)"
+            )
+        runs = [runs[args.run_index]]
+    elif args.launch_args or args.mark_trained:
+        raise UsageError(f"--{'launch-args' if args.launch_args else 'mark-trained'} needs --run-index N")
+    if args.eval_only and args.train_only:
+        raise UsageError("--eval-only and --train-only exclude each other")
     prefix = shlex.split(args.train_prefix) if args.train_prefix else [sys.executable]
     return Plan(preset, output, runs, list(args.overrides), prefix)
 
@@ -269,10 +290,33 @@ def run_overrides(plan: Plan, run: Run, seq_len: int) -> list[str]:
     ]
 
 
+def launch_args(plan: Plan, run: Run, seq_len: int) -> list[str]:
+    """The ``launcher.train`` arguments of one run: ``--config`` with the base YAML, then :func:`run_overrides`."""
+    return ["--config", str(ROOT / plan.preset.config), *run_overrides(plan, run, seq_len)]
+
+
 def train_command(plan: Plan, run: Run, seq_len: int) -> list[str]:
-    """``launcher.train`` for one run: the base YAML, then :func:`run_overrides`."""
-    head = [*plan.train_prefix, "-m", "launcher.train", "--config", str(ROOT / plan.preset.config)]
-    return head + run_overrides(plan, run, seq_len)
+    """``launcher.train`` for one run: the launcher prefix, ``-m launcher.train``, then :func:`launch_args`."""
+    return [*plan.train_prefix, "-m", "launcher.train", *launch_args(plan, run, seq_len)]
+
+
+def _launcher_part(command: list[str]) -> list[str] | None:
+    """The arguments after ``-m launcher.train`` in a recorded training command (None if it has none)."""
+    for i in range(len(command) - 1):
+        if command[i : i + 2] == ["-m", "launcher.train"]:
+            return command[i + 2 :]
+    return None
+
+
+def is_trained(plan: Plan, run: Run, seq_len: int) -> bool:
+    """Whether ``train.json`` records this run trained to its last step with exactly these ``launcher.train``
+    arguments, by whichever launcher (the project's layouts train the same model: tests/test_distributed_*)."""
+    try:
+        rec = json.loads((run.folder / "train.json").read_text())
+    except (OSError, ValueError):
+        return False
+    command = rec.get("command")
+    return isinstance(command, list) and _launcher_part(command) == launch_args(plan, run, seq_len)
 
 
 def check_configs(plan: Plan, seq_len: int) -> dict[str, int]:
@@ -418,12 +462,18 @@ def _call(command: list[str], log: Path, threads: int, what: str) -> None:
         raise StepFailed(f"{what} failed (exit {proc.returncode}): {last.removeprefix('error: ')}; log {log}")
 
 
-def train(plan: Plan, run: Run, seq_len: int, say: Callable[[str], None]) -> None:
+def train(plan: Plan, run: Run, seq_len: int, say: Callable[[str], None], eval_only: bool = False) -> None:
+    """Train one run with ``plan.train_prefix`` unless :func:`is_trained` says it is; with ``eval_only`` an untrained
+    run is a StepFailed instead."""
     command = train_command(plan, run, seq_len)
     marker = run.folder / "train.json"
-    if _done(marker, command):
+    if is_trained(plan, run, seq_len):
         say(f"[train] {run.key}: done before, skipped")
         return
+    if eval_only:
+        raise StepFailed(
+            f"{run.key}: not trained with these settings (no matching {marker}); --eval-only trains nothing"
+        )
     t0 = time.time()
     _call(command, run.folder / "train.log", plan.preset.threads, f"{run.key}: training")
     step, want = latest_step(run.ckpt), plan.max_steps[run.key]
@@ -434,6 +484,20 @@ def train(plan: Plan, run: Run, seq_len: int, say: Callable[[str], None]) -> Non
         )
     _write_json(marker, {"command": command, "seconds": time.time() - t0, "step": step})
     say(f"[train] {run.key}: {time.time() - t0:.0f} s")
+
+
+def mark_trained(plan: Plan, run: Run, seq_len: int) -> None:
+    """Record a run that an outside launcher (e.g. ``slurm/launch.sh``) trained with :func:`launch_args`, so later
+    calls skip it: UsageError unless its newest checkpoint is at the run's last step. The recorded command is
+    ``plan.train_prefix`` (the caller's launcher) with those arguments; no wall time is known (``seconds`` null)."""
+    step, want = latest_step(run.ckpt), plan.max_steps[run.key]
+    if step != want:
+        raise UsageError(
+            f"{run.key}: newest checkpoint in {run.ckpt} is at step {step}, not the last step {want}: not trained yet"
+        )
+    _write_json(
+        run.folder / "train.json", {"command": train_command(plan, run, seq_len), "seconds": None, "step": step}
+    )
 
 
 def evaluate(plan: Plan, run: Run, say: Callable[[str], None]) -> None:
@@ -540,7 +604,8 @@ def run_record(run: Run) -> dict[str, Any]:
     rec: dict[str, Any] = {"nelbo": ev["nelbo"], "ppl": ev["ppl"], "step": ev["step"], "val_rows": ev["val_rows"]}
     rec["draws"] = ev["samples_per_seq"]
     trained = json.loads((run.folder / "train.json").read_text())
-    rec["train_s"] = trained["seconds"]  # wall time of the last (possibly resumed) training call
+    if trained["seconds"] is not None:  # None: trained by an outside launcher (--mark-trained)
+        rec["train_s"] = trained["seconds"]  # wall time of the last (possibly resumed) training call
     if "gen_ppl" in ev:
         rec.update(gen_ppl=ev["gen_ppl"], entropy=ev["entropy"])
     sampling = run.folder / "sampling.json"
@@ -700,6 +765,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--nproc_per_node 8')",
     )
     p.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="train nothing: every run must be trained already (e.g. by a Slurm array); evaluate and write the table",
+    )
+    p.add_argument(
+        "--run-index",
+        type=int,
+        default=None,
+        help="only the N-th run (from 0) of --list-runs; with --train-only, --launch-args, --mark-trained, --list-runs",
+    )
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--list-runs", action="store_true", help="print one 'SYSTEM SEED' line per run and exit")
+    action.add_argument(
+        "--launch-args", action="store_true", help="print the launcher.train arguments of --run-index, one per line"
+    )
+    action.add_argument(
+        "--mark-trained",
+        action="store_true",
+        help="record --run-index as trained (an outside launcher took it to its last step) and exit",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value training overrides for every system")
     return p.parse_intermixed_args(argv)
 
@@ -733,6 +819,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
         plan.max_steps = check_configs(plan, seq_len)
+        if args.list_runs:
+            print("\n".join(f"{r.system.name} {r.seed}" for r in plan.runs))
+            return 0
+        if args.launch_args:
+            print("\n".join(launch_args(plan, plan.runs[0], seq_len)))
+            return 0
+        if args.mark_trained:
+            mark_trained(plan, plan.runs[0], seq_len)
+            print(f"[train] {plan.runs[0].key}: recorded as trained at step {plan.max_steps[plan.runs[0].key]}")
+            return 0
         plan.output.mkdir(parents=True, exist_ok=True)
     except (UsageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -751,7 +847,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, CHILDREN.stop)
-    errors = _pool(plan.preset.jobs, [(r.key, lambda r=r: train(plan, r, seq_len, say)) for r in plan.runs])
+    errors = _pool(
+        plan.preset.jobs, [(r.key, lambda r=r: train(plan, r, seq_len, say, args.eval_only)) for r in plan.runs]
+    )
     if not errors and not args.train_only:
         # generative perplexity needs the AR run of the seed: evaluation starts once every run is trained
         errors = _pool(plan.preset.jobs, [(r.key, lambda r=r: evaluate(plan, r, say)) for r in plan.runs])

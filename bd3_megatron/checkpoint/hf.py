@@ -40,6 +40,33 @@ HF_KNOWN_VOCABS = {50258: ("gpt2", 50257), 30522: ("bert-base-uncased", 103)}
 
 
 # ---------------------------------------------------------------------------------------------- HF (bd3lms) layout
+# The tensors that map one to one between the reference (HF) names and this project's arch bd3lms names, read in both
+# directions by to_hf and _bd3lms_form: per layer as suffixes of "backbone.blocks.{i}." <-> "decoder.layers.{i}.",
+# then the final layer; the embedding is one pair. QKV row order, the adaLN modulations and the time embedding differ
+# per direction and are mapped next to the table's use.
+_HF_EMBEDDING = ("backbone.vocab_embed.embedding", "embedding.word_embeddings.weight")
+_HF_LAYER_NAMES = (
+    ("norm1.weight", "input_layernorm.weight"),
+    ("attn_qkv.weight", "self_attention.linear_qkv.weight"),  # rows reordered: _qkv_to_hf / _qkv_from_hf
+    ("attn_out.weight", "self_attention.linear_proj.weight"),
+    ("norm2.weight", "pre_mlp_layernorm.weight"),
+    ("mlp.0.weight", "mlp.linear_fc1.weight"),
+    ("mlp.0.bias", "mlp.linear_fc1.bias"),
+    ("mlp.2.weight", "mlp.linear_fc2.weight"),
+    ("mlp.2.bias", "mlp.linear_fc2.bias"),
+)
+_HF_FINAL_NAMES = (
+    ("backbone.output_layer.norm_final.weight", "decoder.final_layernorm.weight"),
+    ("backbone.output_layer.linear.weight", "output_layer.weight"),
+    ("backbone.output_layer.linear.bias", "output_layer.bias"),
+)
+
+
+def _hf_layer_prefixes(i: int) -> tuple[str, str]:
+    """(reference, native) name prefix of layer ``i``."""
+    return f"backbone.blocks.{i}.", f"decoder.layers.{i}."
+
+
 def _qkv_to_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
     """megatron rows per head [q_j | k_j | v_j] -> reference rows [all q | all k | all v] (head-major inside)."""
     three_h, h = w.shape
@@ -124,7 +151,7 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
     tc = cfg.time_conditioning
     cond = cfg.cond_dim if tc else HF_COND_DIM
     out: dict[str, torch.Tensor] = {
-        "backbone.vocab_embed.embedding": s["embedding.word_embeddings.weight"],
+        _HF_EMBEDDING[0]: s[_HF_EMBEDDING[1]],
         "backbone.rotary_emb.inv_freq": rope_inv_freq(cfg.head_dim),
     }
     for j, shape in ((0, (cond, HF_TIMESTEP_DIM)), (2, (cond, cond))):
@@ -137,26 +164,14 @@ def to_hf(ckpt: SamplerCheckpoint) -> tuple[dict[str, Any], dict[str, torch.Tens
         out[dest + ".bias"] = b[src + ".bias"]  # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
 
     for i in range(cfg.num_layers):
-        p, q = f"decoder.layers.{i}.", f"backbone.blocks.{i}."
-        out.update(
-            {
-                q + "norm1.weight": b[p + "input_layernorm.weight"],
-                q + "attn_qkv.weight": _qkv_to_hf(b[p + "self_attention.linear_qkv.weight"], heads),
-                q + "attn_out.weight": b[p + "self_attention.linear_proj.weight"],
-                q + "norm2.weight": b[p + "pre_mlp_layernorm.weight"],
-                q + "mlp.0.weight": b[p + "mlp.linear_fc1.weight"],
-                q + "mlp.0.bias": b[p + "mlp.linear_fc1.bias"],
-                q + "mlp.2.weight": b[p + "mlp.linear_fc2.weight"],
-                q + "mlp.2.bias": b[p + "mlp.linear_fc2.bias"],
-            }
-        )
+        q, p = _hf_layer_prefixes(i)
+        out.update({q + ref: b[p + ours] for ref, ours in _HF_LAYER_NAMES})
+        out[q + "attn_qkv.weight"] = _qkv_to_hf(out[q + "attn_qkv.weight"], heads)
         adaln(q + "adaLN_modulation", p + "modulation", 6)
     adaln("backbone.output_layer.adaLN_modulation", "decoder.final_layernorm.modulation", 2)
+    out.update({ref: b[ours] for ref, ours in _HF_FINAL_NAMES})
     out.update(
         {
-            "backbone.output_layer.norm_final.weight": b["decoder.final_layernorm.weight"],
-            "backbone.output_layer.linear.weight": b["output_layer.weight"],
-            "backbone.output_layer.linear.bias": b["output_layer.bias"],
             "sampling_eps_min": torch.tensor(float(ckpt.clip_window[0]), **f32),
             "sampling_eps_max": torch.tensor(float(ckpt.clip_window[1]), **f32),
         }
@@ -333,7 +348,7 @@ def _bd3lms_form(s: dict[str, torch.Tensor], n: int, h: int, adaln: bool, time_c
     modulation ``W·c₀ + b`` a constant, computed here with the reference's operations in float64 and rounded once
     (deterministic bits; within an fp32 rounding of what the reference computes each forward). Without adaLN
     (``adaln=false``) the block is unmodulated: shift 0, scale 0, gate 1, which the modulated form computes exactly."""
-    out = {"embedding.word_embeddings.weight": s["backbone.vocab_embed.embedding"]}
+    out = {_HF_EMBEDDING[1]: s[_HF_EMBEDDING[0]]}
     c0 = None
     if adaln and not time_cond:  # in float64, rounded once to fp32: the same bits whatever the BLAS kernel path
         d = {k: v.double() for k, v in s.items() if "sigma_map" in k}
@@ -355,28 +370,11 @@ def _bd3lms_form(s: dict[str, torch.Tensor], n: int, h: int, adaln: bool, time_c
             out[dest + ".bias"] = F.linear(c0, s[name + ".weight"].double(), s[name + ".bias"].double())[0].float()
 
     for i in range(n):
-        q, p = f"backbone.blocks.{i}.", f"decoder.layers.{i}."
-        out.update(
-            {
-                p + "input_layernorm.weight": s[q + "norm1.weight"],
-                p + "self_attention.linear_qkv.weight": s[q + "attn_qkv.weight"],
-                p + "self_attention.linear_proj.weight": s[q + "attn_out.weight"],
-                p + "pre_mlp_layernorm.weight": s[q + "norm2.weight"],
-                p + "mlp.linear_fc1.weight": s[q + "mlp.0.weight"],
-                p + "mlp.linear_fc1.bias": s[q + "mlp.0.bias"],
-                p + "mlp.linear_fc2.weight": s[q + "mlp.2.weight"],
-                p + "mlp.linear_fc2.bias": s[q + "mlp.2.bias"],
-            }
-        )
+        q, p = _hf_layer_prefixes(i)
+        out.update({p + ours: s[q + ref] for ref, ours in _HF_LAYER_NAMES})
         modulation(q + "adaLN_modulation", p + "modulation", 6)
     modulation("backbone.output_layer.adaLN_modulation", "decoder.final_layernorm.modulation", 2)
-    out.update(
-        {
-            "decoder.final_layernorm.weight": s["backbone.output_layer.norm_final.weight"],
-            "output_layer.weight": s["backbone.output_layer.linear.weight"],
-            "output_layer.bias": s["backbone.output_layer.linear.bias"],
-        }
-    )
+    out.update({ours: s[ref] for ref, ours in _HF_FINAL_NAMES})
     return out
 
 
