@@ -150,11 +150,9 @@ PRESETS: dict[str, Preset] = {
         var_length=512,
         jobs=2,
         threads=1,
-        # Measured 2026-11-30 (commit cd1d276) on the shared 2-core box at load ~12, AR + BD3 L'=4 side by side with
-        # train.max_steps=100: training 3 min each (start-up and two evaluations included), the K=4 evaluation of
-        # all 600 test rows 2.3 min (AR) / 3.5 min (BD3, with 8 gen-PPL samples), 16 samples of 512 tokens 1.7 min.
-        # The full preset (10 runs x 800 steps) is estimated at 1-1.5 h on a quiet box, more on a shared one.
-        note="10 runs x 800 steps: estimated 1-1.5 h on 2 quiet cores, not yet run end to end",
+        # Measured 2026-11-30 (commit 7d1e4e2, docs/results/reproduce_tiny.md) on the shared 2-core box with tests
+        # beside it: training 3-6.5 min per run (BD3 reads 2L tokens), evaluation 10-56 s, sampling 0.5-1.5 min.
+        note="12 runs x 800 steps: about 36 min on 2 cores (measured)",
     ),
     # The paper's OWT setting (12x768, L=1024, global batch 512, 1M steps from scratch at each L'); one seed; launch
     # each training through torchrun/srun with --train-prefix, or one system per Slurm array task with --systems.
