@@ -147,8 +147,7 @@ def generated_texts(path, args, device) -> tuple[list[str], list[float]]:
     from data_pipeline.tokenizers import get_tokenizer
 
     ck = read_input(path, weights="raw" if args.raw else None, log=lambda msg: None)
-    mode = get_mode(ck.config.mode)
-    if not (mode.block_sampler or mode.score_entropy):
+    if not get_mode(ck.config.mode).samples:
         raise ValueError(
             f"generative perplexity samples a bd3 or sedd model; this checkpoint is model.mode={ck.config.mode}"
         )

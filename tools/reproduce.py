@@ -70,8 +70,7 @@ class System:
         analytic sampler); AR scores the samples, MDLM has no sampler here."""
         from bd3_megatron.modes import get_mode
 
-        mode = get_mode(self.mode)
-        return mode.block_sampler or mode.score_entropy
+        return get_mode(self.mode).samples
 
     def sample_length(self, cap: int, seq_len: int) -> int:
         """Tokens a variable-length sample may reach: ``cap`` for the block sampler (it slides past L), the context

@@ -30,11 +30,12 @@ from bd3_megatron.checkpoint.sampler import (
     write_folder,
 )
 from bd3_megatron.model.rope import rope_inv_freq
+from bd3_megatron.model.time_embedding import TIMESTEP_DIM
 from bd3_megatron.modes import get_mode
 from bd3_megatron.sampling.net import NetConfig
 
 HF_COND_DIM = 128  # cond_dim of the published bd3lms models; exports without time conditioning write zero adaLN weights
-HF_TIMESTEP_DIM = 256  # the reference TimestepEmbedder's sinusoid width
+HF_TIMESTEP_DIM = TIMESTEP_DIM  # the reference TimestepEmbedder's sinusoid width (sigma_map.mlp.0 input)
 # The reference's vocabulary conventions (spec §3): vocab size -> (tokenizer, mask id)
 HF_KNOWN_VOCABS = {50258: ("gpt2", 50257), 30522: ("bert-base-uncased", 103)}
 

@@ -39,6 +39,12 @@ class ModelMode:
     time_conditioned: ClassVar[bool] = False  # the backbone is conditioned on the batch's total noise sigma [b]
     score_entropy: ClassVar[bool] = False  # the head's per-token value is SEDD's score entropy, not the CE
 
+    @property
+    def samples(self) -> bool:
+        """A sampler draws from it (``sampling.kv_sampler.generate``): the block sampler, or SEDD's analytic sampler
+        for a score-entropy mode. AR scores samples; MDLM has no sampler here."""
+        return self.block_sampler or self.score_entropy
+
     def validate(self, cfg: Config) -> str | None:
         """A message naming what in ``cfg`` this mode cannot run (and how to fix it), or None."""
         return None
